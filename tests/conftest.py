@@ -1,0 +1,70 @@
+"""Shared fixtures: a toy cache (parquet shards + a tiny trained tokenizer) in a temp folder.
+
+AUTORESEARCH_CACHE_DIR is set before prepare.py is imported anywhere, so every test and every
+subprocess (train.py runs) reads the toy cache, never the user's ~/.cache/autoresearch."""
+
+import os
+import random
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = tempfile.mkdtemp(prefix="autoresearch-test-")
+os.environ["AUTORESEARCH_CACHE_DIR"] = CACHE
+os.environ["AUTORESEARCH_DATA_URL"] = "http://127.0.0.1:9/unused"  # no test may reach the internet
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+sys.path.insert(0, ROOT)
+
+import prepare  # noqa: E402
+
+TOY_VOCAB = 320
+WORDS = ("the a of and to in is was for on that with as by at from model data token train loss "
+         "learning rate batch layer attention window value gate night agent commit result "
+         "café naïve über 日本 語 テキスト 🚀 🎉 λ π").split()
+
+
+def make_docs(seed, n_docs):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = rng.choice([3, 8, 20, 60, 150, 400])  # short and long documents, to exercise packing
+        words = [rng.choice(WORDS) if rng.random() > 0.1 else str(rng.randint(0, 9999)) for _ in range(n)]
+        docs.append(" ".join(words).capitalize() + rng.choice([".", "!", "?\n", ".\n\n"]))
+    return docs
+
+
+def write_shard(path, docs, row_group_size=50):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tmp = path + ".tmp"
+    pq.write_table(pa.table({"text": docs}), tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
+
+
+def build_toy_cache(cache_dir):
+    data_dir = os.path.join(cache_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    train = []
+    for i in range(3):
+        path = os.path.join(data_dir, prepare.shard_filename(i))
+        write_shard(path, make_docs(seed=i, n_docs=200))
+        train.append(path)
+    write_shard(os.path.join(data_dir, prepare.VAL_FILENAME), make_docs(seed=99, n_docs=200))
+    prepare.train_tokenizer(train, os.path.join(cache_dir, "tokenizer"), vocab_size=TOY_VOCAB)
+    return train
+
+
+@pytest.fixture(scope="session")
+def toy_cache():
+    """The toy cache at AUTORESEARCH_CACHE_DIR: 3 training shards, the validation shard, a
+    tokenizer of TOY_VOCAB tokens. Returns the cache folder."""
+    if not os.path.exists(os.path.join(CACHE, "tokenizer", "tokenizer.json")):
+        build_toy_cache(CACHE)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def tokenizer(toy_cache):
+    return prepare.Tokenizer.from_directory()
