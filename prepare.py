@@ -19,8 +19,10 @@ Environment:
 import argparse
 import base64
 import bisect
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import queue
 import shutil
@@ -29,6 +31,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from multiprocessing.pool import ThreadPool
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -139,14 +142,17 @@ def fetch(url, tmp_path):
             raise OSError(f"truncated: {written} of {expected} bytes")
 
 
-def download_shard(index, data_dir, base_url):
+def download_shard(index, data_dir, base_url, give_up=None):
     """Make `data_dir/shard_XXXXX.parquet` a verified copy. Returns (status, bytes); status is
-    'present', 'downloaded', or raises Unreachable / RuntimeError with the cause."""
+    'present', 'downloaded', or raises Unreachable / RuntimeError with the cause. `give_up`: an
+    Event set once the mirror proved unreachable, so queued shards fail at once."""
     path = os.path.join(data_dir, shard_filename(index))
     if os.path.exists(path):
         if is_good_shard(path):
             return "present", os.path.getsize(path)
         os.remove(path)  # truncated or corrupt from an earlier run: fetch it again
+    if give_up is not None and give_up.is_set():
+        raise Unreachable("skipped: the mirror was unreachable for another shard")
     url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
     tmp_path = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     cause = None
@@ -187,8 +193,9 @@ def download_data(num_shards, workers, data_dir=None, base_url=None):
     failures = {}
     tty = sys.stdout.isatty()
     last_print = 0.0
+    give_up = threading.Event()  # without it, every queued shard would wait out its own retries
     with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(download_shard, i, data_dir, base_url): i for i in indices}
+        futures = {pool.submit(download_shard, i, data_dir, base_url, give_up): i for i in indices}
         for fut in as_completed(futures):
             index = futures[fut]
             try:
@@ -198,6 +205,7 @@ def download_data(num_shards, workers, data_dir=None, base_url=None):
                 fresh_bytes += size if status == "downloaded" else 0
             except Unreachable as e:
                 failures[index] = ("unreachable", str(e))
+                give_up.set()
             except RuntimeError as e:
                 failures[index] = ("failed", str(e))
             now = time.time()
@@ -365,31 +373,40 @@ def list_shards(split, data_dir=None):
     return [os.path.join(data_dir, n) for n in names]
 
 
-def documents(tokenizer, split, num_threads):
+_worker_encoding = None  # each tokenizer worker's tiktoken.Encoding
+
+
+def _init_worker(encoding):
+    global _worker_encoding
+    _worker_encoding = encoding
+
+
+def encode_row_group(task):
+    """In a worker: read one row group, tokenize its documents. Returns (all tokens, lengths)."""
+    path, row_group = task
+    texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    docs = [_worker_encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    return (np.concatenate(docs) if docs else np.empty(0, np.uint32)), lengths
+
+
+def documents(tokenizer, split, num_workers):
     """Endless stream of (tokens, epoch): each document as a uint32 array, in file order.
-    Row groups are tokenized by a thread pool (tiktoken releases the GIL), results kept in order."""
+    Row groups are tokenized by worker processes (forked, on Linux; threads elsewhere), a bounded
+    number ahead of the consumer, and their results are taken in order."""
     paths = list_shards(split)
-    enc = tokenizer.enc
-
-    def encode(texts):
-        return [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
-
-    def chunks():
-        for epoch in range(1, sys.maxsize):
-            for path in paths:
-                pf = pq.ParquetFile(path)
-                for rg in range(pf.num_row_groups):
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-                    for i in range(0, len(texts), 64):
-                        yield texts[i:i + 64], epoch
-
-    with ThreadPoolExecutor(num_threads) as pool:
+    tasks = [(path, rg) for path in paths for rg in range(pq.ParquetFile(path).num_row_groups)]
+    make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
+    with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
         pending = deque()
-        for texts, epoch in chunks():
-            pending.append((pool.submit(encode, texts), epoch))
-            if len(pending) >= 4 * num_threads:
-                fut, ep = pending.popleft()
-                for doc in fut.result():
+        for epoch in itertools.count(1):
+            for task in tasks:
+                pending.append((pool.apply_async(encode_row_group, (task,)), epoch))
+                if len(pending) < 2 * num_workers:
+                    continue
+                result, ep = pending.popleft()
+                tokens, lengths = result.get()
+                for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
                     yield doc, ep
 
 
@@ -423,13 +440,13 @@ def pack_rows(docs, B, T, bos):
         yield batch, epoch
 
 
-def make_dataloader(tokenizer, B, T, split, device=None, num_threads=None):
+def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     """Endless iterator of (inputs, targets, epoch); inputs and targets (B, T) int64 on `device`
     (default: cuda, then mps, then cpu), targets = inputs shifted by one. Tokenizing and packing
-    run in background threads, a few batches ahead of the consumer."""
+    run in the background (worker processes and a thread), a few batches ahead of the consumer."""
     assert split in ("train", "val"), split
     device = torch.device(device) if device is not None else default_device()
-    num_threads = num_threads or os.cpu_count() or 4
+    num_workers = num_workers or os.cpu_count() or 4
     list_shards(split)  # fail here, with the cause, rather than in the background thread
     pin = device.type == "cuda"
     ready = queue.Queue(maxsize=4)
@@ -437,7 +454,7 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_threads=None):
 
     def produce():
         try:
-            docs = documents(tokenizer, split, num_threads)
+            docs = documents(tokenizer, split, num_workers)
             for rows, epoch in pack_rows(docs, B, T, tokenizer.get_bos_token_id()):
                 xy = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # (2, B, T)
                 item = (xy.pin_memory() if pin else xy, epoch)

@@ -274,7 +274,7 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
+def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
     p.mul_(1 - lr_t * wd_t)
     exp_avg.lerp_(grad, 1 - beta1_t)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
@@ -294,13 +294,14 @@ def orthogonalize(g):  # (N, rows, cols): Polar Express iterations toward the ne
     return X
 
 
-def muon_step_fused(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, wd_t, beta2_t, red_dim: int):
+def muon_step(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, wd_t, beta2_t):
     # Nesterov momentum
     momentum = momentum_t.to(grads.dtype)
     momentum_buf.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buf, momentum)
     g = orthogonalize(g)
-    # NorMuon: per-row (or per-column) second-moment EMA, rescaled to keep the update's norm
+    # NorMuon: a second-moment EMA along the longer side, rescaled to keep the update's norm
+    red_dim = -1 if g.size(-2) >= g.size(-1) else -2
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
     n = g.size(red_dim)
     v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
@@ -314,54 +315,60 @@ def muon_step_fused(grads, params, momentum_buf, second_moment_buf, momentum_t, 
     params.sub_(lr * g + lr * wd * params * mask)
 
 
+def adamw_steps(updates):  # one call for every AdamW parameter: compiled as one graph
+    for args in updates:
+        adamw_step(*args)
+
+
+def muon_steps(updates):  # one call for every Muon group: compiled as one graph
+    for args in updates:
+        muon_step(*args)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer, two kinds of groups: kind='adamw' (per parameter) and kind='muon' (all
     parameters of a group share a shape and are updated as one stacked tensor)."""
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
-        # hyperparameters travel as 0-d CPU tensors, so changing them never recompiles
-        self.t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
-
-    def set(self, **values):
-        for k, v in values.items():
-            self.t[k].fill_(v)
-        return self.t
+        self.num_steps = 0
+        for group in self.param_groups:  # hyperparameters as 0-d CPU tensors: changing them never recompiles
+            group["t"] = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
 
     @torch.no_grad()
     def step(self):
+        self.num_steps += 1
+        adamw, muon, stacks = [], [], []
         for group in self.param_groups:
+            t, params = group["t"], group["params"]
             if group["kind"] == "adamw":
-                self.adamw_step(group)
+                for k, v in dict(step=self.num_steps, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                                 eps=group["eps"], wd=group["weight_decay"]).items():
+                    t[k].fill_(v)
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    adamw.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                  t["step"], t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"]))
             else:
-                self.muon_step(group)
-
-    def adamw_step(self, group):
-        for p in group["params"]:
-            state = self.state[p]
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-            t = self.set(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                         eps=group["eps"], wd=group["weight_decay"])
-            adamw_step_fused(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                             t["step"], t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
-
-    def muon_step(self, group):
-        params = group["params"]
-        rows, cols = params[0].shape
-        state = self.state[params[0]]
-        red_dim = -1 if rows >= cols else -2  # second moments kept along the longer side
-        if not state:
-            state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
-            state["second_moment_buffer"] = torch.zeros(len(params), rows, 1, dtype=torch.float32, device=params[0].device) \
-                if red_dim == -1 else torch.zeros(len(params), 1, cols, dtype=torch.float32, device=params[0].device)
-        stacked = torch.stack(params)
-        t = self.set(momentum=group["momentum"], lr=group["lr"] * max(1.0, rows / cols) ** 0.5,
-                     wd=group["weight_decay"], beta2=group["beta2"])
-        muon_step_fused(torch.stack([p.grad for p in params]), stacked, state["momentum_buffer"],
-                        state["second_moment_buffer"], t["momentum"], t["lr"], t["wd"], t["beta2"], red_dim)
-        torch._foreach_copy_(params, list(stacked.unbind(0)))
+                rows, cols = params[0].shape
+                for k, v in dict(momentum=group["momentum"], lr=group["lr"] * max(1.0, rows / cols) ** 0.5,
+                                 wd=group["weight_decay"], beta2=group["beta2"]).items():
+                    t[k].fill_(v)
+                state = self.state[params[0]]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
+                    moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+                    state["second_moment_buffer"] = torch.zeros(moment_shape, dtype=torch.float32, device=params[0].device)
+                stacked = torch.stack(params)
+                stacks.append((params, stacked))
+                muon.append((torch.stack([p.grad for p in params]), stacked, state["momentum_buffer"],
+                             state["second_moment_buffer"], t["momentum"], t["lr"], t["wd"], t["beta2"]))
+        adamw_steps(adamw)
+        muon_steps(muon)
+        for params, stacked in stacks:
+            torch._foreach_copy_(params, list(stacked.unbind(0)))
 
 
 def build_optimizer(model):
@@ -446,12 +453,10 @@ model.to_empty(device=device)
 model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
-if is_cuda:  # compile what repeats: each kind of block once (the others reuse it), the head, the steps
-    for block in model.blocks:
-        block.compile(dynamic=False, fullgraph=True)
-    model.head = torch.compile(model.head, dynamic=False, fullgraph=True)
-    adamw_step_fused = torch.compile(adamw_step_fused, dynamic=False, fullgraph=True)
-    muon_step_fused = torch.compile(muon_step_fused, dynamic=False, fullgraph=True)
+if is_cuda:  # three compilations in all: the model (forward and backward) and the two optimizer steps
+    model = torch.compile(model, dynamic=False)
+    adamw_steps = torch.compile(adamw_steps, dynamic=False, fullgraph=True)
+    muon_steps = torch.compile(muon_steps, dynamic=False, fullgraph=True)
 
 counts = model.param_counts()
 flops_per_token = model.flops_per_token()
@@ -468,6 +473,8 @@ print(f"FLOPs per token: {flops_per_token:e}; batch: {TOTAL_BATCH_SIZE:,} tokens
 
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)
+t_loop = time.time()
+print(f"startup: {t_loop - t_start:.1f}s")
 interactive = sys.stdout.isatty()
 step, training_time, smooth_loss, last_print = 0, 0.0, 0.0, 0.0
 pending_loss = None  # last step's loss, read one step late so the CPU never waits for the GPU
@@ -508,6 +515,8 @@ while True:
     if step >= UNCOUNTED_STEPS:
         training_time += dt
     step += 1
+    if step == UNCOUNTED_STEPS:
+        print(f"first {step} steps (compilation, not counted): {time.time() - t_loop:.1f}s")
 
     now = time.time()
     if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):

@@ -1,0 +1,881 @@
+"""prepare.py: downloads (against a real HTTP server on 127.0.0.1 and file:// mirrors), the CLI,
+the tokenizer, the packing dataloader and evaluate_bpb. Hermetic: no internet, no GPU.
+
+Functions run in-process with module globals monkeypatched (retry delays, folders, sequence
+length); what a user sees (exit status, one-line errors, no tracebacks) is checked by running
+`python prepare.py` as a subprocess with AUTORESEARCH_CACHE_DIR / AUTORESEARCH_DATA_URL."""
+
+import collections
+import http.server
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prepare
+from conftest import ROOT, make_docs, write_shard
+
+VAL = prepare.VAL_FILENAME
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: a shard folder, a real HTTP mirror with scripted faults, subprocess runs
+
+
+def make_mirror_folder(folder, n_train, docs_per_shard=30):
+    """`folder` with shard_00000 .. shard_{n_train-1} and the validation shard; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        write_shard(str(folder / prepare.shard_filename(i)), make_docs(seed=100 + i, n_docs=docs_per_shard))
+    write_shard(str(folder / VAL), make_docs(seed=999, n_docs=docs_per_shard))
+    return folder
+
+
+class Mirror:
+    """ThreadingHTTPServer on 127.0.0.1 (port 0) serving the files of `folder` under some path.
+
+    `faults[name]`: a list of actions consumed by successive GETs of that file, then 'serve';
+    `always[name]`: the action for every GET of that file. Actions: serve, 404, 500, drop (close
+    the connection without a response), cut (Content-Length of the whole file, half the body,
+    close), cut_no_length (half the body, no Content-Length, close), garbage (random bytes of the
+    right length). `hits` counts GETs per file name."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.faults, self.always = {}, {}
+        self.hits = collections.Counter()
+        self.lock = threading.Lock()
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                with mirror.lock:
+                    mirror.hits[name] += 1
+                    pending = mirror.faults.get(name)
+                    action = pending.pop(0) if pending else mirror.always.get(name, "serve")
+                mirror.respond(self, name, action)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/datasets/climbmix/resolve/main"
+
+    def respond(self, h, name, action):
+        path = self.folder / name
+        if action == "drop":
+            h.close_connection = True
+            return
+        if action == "500":
+            h.send_error(500)
+            return
+        if action == "404" or not path.exists():
+            h.send_error(404)
+            return
+        data = path.read_bytes()
+        if action == "garbage":
+            data = random.Random(len(data)).randbytes(len(data))
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        if action != "cut_no_length":
+            h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if action in ("cut", "cut_no_length"):
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(data)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def mirror_folder(tmp_path):
+    return make_mirror_folder(tmp_path / "a mirror", n_train=3)  # a space: file:// URLs get %20
+
+
+@pytest.fixture
+def dest(tmp_path):
+    """An empty download folder."""
+    (tmp_path / "data").mkdir()
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def mirror(mirror_folder):
+    m = Mirror(mirror_folder)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(prepare, "RETRY_BASE_DELAY", 0.01)
+
+
+def closed_port_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more: connections are refused
+    return f"http://127.0.0.1:{port}/mirror"
+
+
+def leftovers(folder):
+    """Temporary or partial files that a download left behind."""
+    return [n for n in os.listdir(folder) if ".tmp" in n]
+
+
+def subprocess_env(cache_dir, data_url):
+    return dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DATA_URL=data_url,
+                CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+def assert_clean_failure(p, *needles):
+    """Non-zero exit, no traceback, and the cause on exactly one line of stderr naming `needles`."""
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    cause = [line for line in lines if "error" in line.lower()]
+    assert len(cause) == 1, p.stderr
+    for needle in needles:
+        assert needle in cause[0], (needle, p.stderr)
+    return cause[0]
+
+
+def call_with_timeout(fn, timeout=30):
+    """Run fn() in a thread: an endless loop fails the test instead of hanging the run."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"no answer within {timeout}s (endless loop?)"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Download, in-process
+
+
+def test_rerun_skips_good_files_and_replaces_damaged_ones(tmp_path, mirror, mirror_folder, fast_retries):
+    data = tmp_path / "data"  # download_data creates it
+    paths = prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url)
+    assert paths == [str(data / "shard_00000.parquet"), str(data / "shard_00001.parquet")]
+    assert sum(mirror.hits.values()) == 3
+
+    mirror.hits.clear()
+    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == paths
+    assert sum(mirror.hits.values()) == 0  # everything on disk was good: nothing fetched
+
+    full = (data / "shard_00000.parquet").read_bytes()
+    (data / "shard_00000.parquet").write_bytes(full[: len(full) // 2])  # truncated by a crash
+    size = (data / "shard_00001.parquet").stat().st_size
+    (data / "shard_00001.parquet").write_bytes(b"\0" * size)  # corrupt, right length
+    assert not prepare.is_good_shard(str(data / "shard_00000.parquet"))
+    assert not prepare.is_good_shard(str(data / "shard_00001.parquet"))
+    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == paths
+    assert mirror.hits == {"shard_00000.parquet": 1, "shard_00001.parquet": 1}  # the val shard was fine
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        assert (data / name).read_bytes() == (mirror_folder / name).read_bytes()
+    assert leftovers(data) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Download: faults
+
+
+@pytest.mark.parametrize("fault", ["500", "drop"])
+def test_retries_then_succeeds(dest, mirror, mirror_folder, fast_retries, fault):
+    mirror.faults["shard_00000.parquet"] = [fault, fault]
+    status, size = prepare.download_shard(0, str(dest), mirror.url)
+    assert status == "downloaded"
+    assert mirror.hits["shard_00000.parquet"] == 3
+    assert (dest / "shard_00000.parquet").read_bytes() == (mirror_folder / "shard_00000.parquet").read_bytes()
+    assert size == (dest / "shard_00000.parquet").stat().st_size
+    assert leftovers(dest) == []
+
+
+def test_retry_waits_back_off_exponentially(dest, mirror, monkeypatch):
+    mirror.faults["shard_00000.parquet"] = ["500", "500", "500"]
+    sleeps = []
+    monkeypatch.setattr(prepare, "time", types.SimpleNamespace(sleep=sleeps.append, time=time.time))
+    assert prepare.download_shard(0, str(dest), mirror.url)[0] == "downloaded"
+    base = prepare.RETRY_BASE_DELAY
+    assert sleeps == [base, 2 * base, 4 * base]
+
+
+def test_404_shard_is_reported_missing_without_retries(tmp_path, mirror, fast_retries, capsys):
+    mirror.always["shard_00001.parquet"] = "404"
+    data = tmp_path / "data"
+    paths = prepare.download_data(3, 2, data_dir=str(data), base_url=mirror.url)
+    assert paths == [str(data / "shard_00000.parquet"), str(data / "shard_00002.parquet")]
+    assert mirror.hits["shard_00001.parquet"] == 1  # a 404 is final: no retries
+    out = capsys.readouterr().out
+    assert "missing shard_00001.parquet" in out and "404" in out
+    assert "2/3 training shards" in out
+    assert not (data / "shard_00001.parquet").exists()
+    assert leftovers(data) == []
+
+
+@pytest.mark.parametrize("cut", ["cut", "cut_no_length"])
+def test_response_cut_short_is_retried(dest, mirror, mirror_folder, fast_retries, cut):
+    name = "shard_00000.parquet"
+    seen_on_disk = []
+    respond = mirror.respond
+
+    def spy(h, n, action):  # while the server answers, no shard may look complete on disk yet
+        seen_on_disk.append(os.path.exists(dest / name))
+        respond(h, n, action)
+
+    mirror.respond = spy
+    mirror.faults[name] = [cut, cut]
+    assert prepare.download_shard(0, str(dest), mirror.url)[0] == "downloaded"
+    assert mirror.hits[name] == 3
+    assert seen_on_disk == [False, False, False]
+    assert (dest / name).read_bytes() == (mirror_folder / name).read_bytes()
+    assert leftovers(dest) == []
+
+
+@pytest.mark.parametrize("cut", ["cut", "cut_no_length"])
+def test_response_always_cut_short_is_reported_failed(dest, mirror, fast_retries, cut, capsys):
+    name = "shard_00000.parquet"
+    mirror.always[name] = cut
+    with pytest.raises(RuntimeError, match=f"{name}.*after {prepare.DOWNLOAD_ATTEMPTS} attempts"):
+        prepare.download_shard(0, str(dest), mirror.url)
+    assert mirror.hits[name] == prepare.DOWNLOAD_ATTEMPTS
+    assert os.listdir(dest) == []  # never a partial file, under any name
+
+    paths = prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url)
+    assert paths == [str(dest / "shard_00001.parquet")]  # the other shards still count
+    assert f"missing {name}" in capsys.readouterr().out
+    assert sorted(os.listdir(dest)) == ["shard_00001.parquet", VAL]
+
+
+def write_wrong_schema(path):
+    pq.write_table(pa.table({"content": ["a document"] * 10}), path)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "wrong_schema"])
+def test_corrupt_parquet_is_rejected(dest, mirror, mirror_folder, fast_retries, bad):
+    name = "shard_00000.parquet"
+    if bad == "garbage":
+        mirror.always[name] = "garbage"  # random bytes, the right length
+    else:
+        write_wrong_schema(str(mirror_folder / name))  # valid parquet, no 'text' column
+    with pytest.raises(RuntimeError, match="parquet|text"):
+        prepare.download_shard(0, str(dest), mirror.url)
+    assert mirror.hits[name] == prepare.DOWNLOAD_ATTEMPTS
+    assert os.listdir(dest) == []
+
+
+def test_verify_shard_rejects_bad_files(tmp_path, mirror_folder):
+    good = mirror_folder / "shard_00000.parquet"
+    prepare.verify_shard(str(good))
+    full = good.read_bytes()
+    cases = {
+        "truncated": full[:-100],
+        "head_cut": full[100:],
+        "zeros": b"\0" * len(full),
+        "empty": b"",
+    }
+    for case, content in cases.items():
+        (tmp_path / case).write_bytes(content)
+        with pytest.raises(ValueError):
+            prepare.verify_shard(str(tmp_path / case))
+        assert not prepare.is_good_shard(str(tmp_path / case))
+    write_wrong_schema(str(tmp_path / "schema"))
+    with pytest.raises(ValueError, match="text"):
+        prepare.verify_shard(str(tmp_path / "schema"))
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "norows"))
+    with pytest.raises(ValueError, match="rows"):
+        prepare.verify_shard(str(tmp_path / "norows"))
+    assert not prepare.is_good_shard(str(tmp_path / "does_not_exist"))
+
+
+def test_missing_validation_shard_in_process(dest, mirror, fast_retries):
+    mirror.always[VAL] = "404"
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url)
+    assert isinstance(info.value, SystemExit)
+    message = str(info.value.code)
+    assert VAL in message and "validation" in message
+    assert mirror.hits[VAL] == 1
+
+
+def test_every_training_shard_missing(dest, mirror, fast_retries, capsys):
+    # (the exit path of a PrepareError, one line and status 1, is checked by subprocess in
+    # test_missing_validation_shard_exits_nonzero)
+    for i in range(3):
+        mirror.always[prepare.shard_filename(i)] = "404"
+    with pytest.raises(prepare.PrepareError, match="no training shard") as info:
+        prepare.download_data(3, 2, data_dir=str(dest), base_url=mirror.url)
+    assert isinstance(info.value, SystemExit) and isinstance(info.value.code, str)  # exit status 1
+    assert "\n" not in info.value.code
+    out = capsys.readouterr().out
+    for i in range(3):
+        assert f"missing shard_{i:05d}.parquet" in out
+    assert os.listdir(dest) == [VAL]
+
+
+def test_unreachable_mirror_gives_up_early(dest, mirror, fast_retries):
+    """A mirror that never answers: the shards still queued fail at once once one shard has
+    used up its retries, instead of each waiting out the backoff (hours with --num-shards -1)."""
+    n_train = 40
+    for i in range(n_train):
+        mirror.always[prepare.shard_filename(i)] = "drop"
+    mirror.always[VAL] = "drop"
+    with pytest.raises(prepare.PrepareError, match="AUTORESEARCH_DATA_URL"):
+        prepare.download_data(n_train, 2, data_dir=str(dest), base_url=mirror.url)
+    attempts = sum(mirror.hits.values())
+    assert attempts <= 4 * prepare.DOWNLOAD_ATTEMPTS, attempts  # about the 2 shards in flight
+
+
+def test_offline_rerun_uses_shards_on_disk(dest, mirror_folder, fast_retries, capsys):
+    for name in ("shard_00000.parquet", "shard_00001.parquet", VAL):
+        shutil.copyfile(mirror_folder / name, dest / name)
+    url = closed_port_url()
+    paths = prepare.download_data(2, 2, data_dir=str(dest), base_url=url)  # nothing to fetch
+    assert paths == [str(dest / "shard_00000.parquet"), str(dest / "shard_00001.parquet")]
+    capsys.readouterr()
+    paths = prepare.download_data(4, 2, data_dir=str(dest), base_url=url)  # 2 more, mirror down
+    assert paths == [str(dest / "shard_00000.parquet"), str(dest / "shard_00001.parquet")]
+    out = capsys.readouterr().out
+    assert "missing shard_00002.parquet" in out and "missing shard_00003.parquet" in out
+    assert "2/4 training shards" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI values (two of these cases also run as real subprocesses, below)
+
+
+CLI_CASES = {
+    "num-shards 0": (["--num-shards", "0"], "--num-shards"),
+    "num-shards -5": (["--num-shards", "-5"], "--num-shards"),
+    "num-shards abc": (["--num-shards", "abc"], "--num-shards"),
+    "download-workers 0": (["--download-workers", "0"], "--download-workers"),
+    "download-workers x": (["--download-workers", "x"], "--download-workers"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_rejects_bad_value(case, monkeypatch, capsys):
+    args, flag = CLI_CASES[case]
+    monkeypatch.setattr(prepare, "download_data", lambda *a, **k: pytest.fail("bad value accepted"))
+    with pytest.raises(SystemExit) as info:
+        prepare.main(args)
+    assert info.value.code == 2  # argparse's usage error
+    out, err = capsys.readouterr()
+    assert out == ""
+    cause = [line for line in err.splitlines() if "error" in line]
+    assert len(cause) == 1 and flag in cause[0] and args[1] in cause[0], err
+
+
+def test_cli_values_parse():
+    assert prepare.shard_count("-1") == -1
+    assert prepare.shard_count("1") == 1
+    assert prepare.shard_count(str(prepare.MAX_SHARD)) == prepare.MAX_SHARD
+    for bad in ("0", "-2", str(prepare.MAX_SHARD + 1), "1.5", ""):
+        with pytest.raises(Exception, match="must be"):
+            prepare.shard_count(bad)
+    assert prepare.worker_count("1") == 1
+    for bad in ("0", "-1", "257", "x"):
+        with pytest.raises(Exception, match="must be"):
+            prepare.worker_count(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    folder = make_mirror_folder(root / "data", n_train=2, docs_per_shard=100)
+    tokenizer_dir = root / "tokenizer"
+    paths = [str(folder / prepare.shard_filename(i)) for i in range(2)]
+    tok = prepare.train_tokenizer(paths, str(tokenizer_dir), vocab_size=300)
+    return tok, tokenizer_dir
+
+
+ROUND_TRIP = [
+    "Hello, world! The quick brown fox.",
+    "0123456789 3.14159 2026-05-09 1e-3",
+    "日本語のテキストと中文",
+    "emoji 🚀🎉👩‍👩‍👧 ok",
+    "  tabs\tand\nnewlines\r\n  ",
+    "café naïve über Ωμέγα",
+    "",
+]
+
+
+def test_tokenizer_round_trip(small_tokenizer):
+    tok, _ = small_tokenizer
+    assert tok.get_vocab_size() == 300
+    for text in ROUND_TRIP:
+        ids = tok.encode(text)
+        assert all(0 <= i < 300 - len(prepare.SPECIAL_TOKENS) for i in ids)
+        assert tok.decode(ids) == text
+    batch = tok.encode(ROUND_TRIP, prepend=prepare.BOS_TOKEN)
+    for text, ids in zip(ROUND_TRIP, batch):
+        assert ids[0] == tok.get_bos_token_id() and tok.decode(ids[1:]) == text
+    assert tok.encode("abc", prepend=tok.get_bos_token_id())[0] == tok.get_bos_token_id()
+
+
+def test_tokenizer_token_bytes(small_tokenizer):
+    tok, tokenizer_dir = small_tokenizer
+    token_bytes = prepare.get_token_bytes("cpu", str(tokenizer_dir))
+    assert token_bytes.dtype == torch.int64 and token_bytes.shape == (300,)
+    for text in ROUND_TRIP + ["x" * 1000, "🚀" * 7 + "a"]:
+        ids = tok.encode(text)
+        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8")), text
+    for i in range(296):
+        assert int(token_bytes[i]) == len(tok.enc.decode_single_token_bytes(i)) > 0
+
+
+def test_tokenizer_special_tokens(small_tokenizer):
+    tok, tokenizer_dir = small_tokenizer
+    token_bytes = prepare.get_token_bytes("cpu", str(tokenizer_dir))
+    vocab = tok.get_vocab_size()
+    for i, special in enumerate(prepare.SPECIAL_TOKENS):
+        assert tok.enc.encode_single_token(special) == vocab - 4 + i
+        assert int(token_bytes[vocab - 4 + i]) == 0
+    assert tok.get_bos_token_id() == vocab - 4
+    assert prepare.BOS_TOKEN == "<|reserved_0|>"
+    # special-token text in a document is plain text, never a special id
+    assert all(i < vocab - 4 for i in tok.encode("<|reserved_0|> hi"))
+
+
+def test_tokenizer_files_are_plain_data(small_tokenizer):
+    _, tokenizer_dir = small_tokenizer
+    assert sorted(os.listdir(tokenizer_dir)) == ["token_bytes.npy", "tokenizer.json"]
+    with open(tokenizer_dir / "tokenizer.json") as f:
+        meta = json.load(f)
+    assert meta["pattern"] == prepare.SPLIT_PATTERN
+    assert meta["special_tokens"] == {s: 296 + i for i, s in enumerate(prepare.SPECIAL_TOKENS)}
+    assert len(meta["mergeable_ranks"]) == 296
+    arr = np.load(tokenizer_dir / "token_bytes.npy", allow_pickle=False)
+    assert arr.dtype.kind == "i" and arr.shape == (300,)
+    for path in tokenizer_dir.iterdir():
+        assert not path.read_bytes().startswith(b"\x80")  # no pickle protocol header
+
+
+def test_text_iterator_caps(tmp_path):
+    path = str(tmp_path / "s.parquet")
+    write_shard(path, ["a" * 50, "b" * 5, "", "c" * 30])
+    assert list(prepare.text_iterator([path], max_chars=10**9, doc_chars=20)) == ["a" * 20, "b" * 5, "c" * 20]
+    assert list(prepare.text_iterator([path], max_chars=22, doc_chars=20)) == ["a" * 20, "b" * 2]
+
+
+def test_tokenizer_missing(tmp_path):
+    with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py") as info:
+        prepare.Tokenizer.from_directory(str(tmp_path))
+    assert isinstance(info.value, SystemExit)
+    with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py"):
+        prepare.get_token_bytes("cpu", str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "binary", "wrong_shape", "wrong_specials"])
+def test_tokenizer_damaged(tmp_path, small_tokenizer, damage):
+    _, tokenizer_dir = small_tokenizer
+    bad = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, bad)
+    path = bad / "tokenizer.json"
+    text = path.read_text()
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "garbage":
+        path.write_text("this is not json {")
+    elif damage == "binary":
+        path.write_bytes(bytes(range(128, 256)))
+    elif damage == "wrong_shape":
+        path.write_text("[1, 2, 3]")
+    else:
+        meta = json.loads(text)
+        meta["special_tokens"] = {"<|endoftext|>": 296}
+        path.write_text(json.dumps(meta))
+    with pytest.raises(prepare.PrepareError, match=r"damaged.*uv run prepare\.py"):
+        prepare.Tokenizer.from_directory(str(bad))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "missing"])
+def test_token_bytes_damaged(tmp_path, small_tokenizer, damage):
+    _, tokenizer_dir = small_tokenizer
+    bad = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, bad)
+    path = bad / "token_bytes.npy"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:70])
+    elif damage == "pickle":  # a shared cache must not run code on load
+        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.unlink()
+    with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py"):
+        prepare.get_token_bytes("cpu", str(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataloader
+
+
+@pytest.mark.parametrize("split,present",
+                         [("train", []), ("val", []), ("train", [VAL]), ("val", ["shard_00000.parquet"])])
+def test_dataloader_missing_split_fails_at_once(tmp_path, tokenizer, monkeypatch, split, present):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in present:
+        write_shard(str(data / name), make_docs(seed=5, n_docs=5))
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    loader = prepare.make_dataloader(tokenizer, 2, 16, split, device="cpu")
+    out = call_with_timeout(lambda: next(loader), timeout=20)
+    assert isinstance(out.get("error"), prepare.PrepareError), out
+    message = str(out["error"].code)
+    assert "uv run prepare.py" in message and str(data) in message
+    assert ("training" in message) if split == "train" else (VAL in message)
+
+
+def test_dataloader_folder_does_not_exist(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "nowhere"))
+    for split in ("train", "val"):
+        out = call_with_timeout(lambda: next(prepare.make_dataloader(tokenizer, 2, 16, split, device="cpu")), 20)
+        assert isinstance(out.get("error"), prepare.PrepareError), out
+
+
+def encoded_docs(tokenizer, paths):
+    docs = []
+    for path in paths:
+        for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
+            docs.append(tuple(tokenizer.enc.encode_ordinary(text)))
+    return docs
+
+
+def check_rows(rows, bos, docs):
+    """Each row: BOS first; split at BOS, every piece but the last is a whole document, the last
+    one a prefix of a document (cropped to fill the row)."""
+    whole = set(docs)
+    for row in rows.tolist():
+        assert row[0] == bos
+        starts = [i for i, t in enumerate(row) if t == bos]
+        pieces = [tuple(row[a + 1:b]) for a, b in zip(starts, starts[1:] + [len(row)])]
+        for piece in pieces[:-1]:
+            assert piece in whole
+        last = pieces[-1]
+        assert any(d[:len(last)] == last for d in docs)
+
+
+def test_dataloader_packing_invariants(toy_cache, tokenizer):
+    B, T = 4, 128
+    vocab, bos = tokenizer.get_vocab_size(), tokenizer.get_bos_token_id()
+    train_docs = encoded_docs(tokenizer, prepare.list_shards("train"))
+    loader = prepare.make_dataloader(tokenizer, B, T, "train", device="cpu")
+    n_docs_seen = 0
+    for _ in range(6):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (B, T)
+        assert x.dtype == y.dtype == torch.int64 and x.device.type == "cpu"
+        assert isinstance(epoch, int) and epoch >= 1
+        assert torch.equal(x[:, 0], torch.full((B,), bos))
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert int(x.min()) >= 0 and int(x.max()) < vocab and int(y.min()) >= 0 and int(y.max()) < vocab
+        rows = torch.cat([x, y[:, -1:]], dim=1)  # the packed (B, T+1) rows
+        check_rows(rows, bos, train_docs)
+        n_docs_seen += int((x == bos).sum())
+    assert n_docs_seen > 6 * B  # several documents per row: the packing was exercised
+    loader.close()
+
+
+def test_val_loader_is_deterministic_and_val_only(toy_cache, tokenizer):
+    T = 64
+    val_docs = encoded_docs(tokenizer, prepare.list_shards("val"))
+
+    def rows(B, n_batches):
+        loader = prepare.make_dataloader(tokenizer, B, T, "val", device="cpu")
+        out = [torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in (next(loader) for _ in range(n_batches))]
+        loader.close()
+        return torch.cat(out)
+
+    a, b = rows(2, 6), rows(3, 4)
+    assert a.shape == b.shape == (12, T + 1)
+    assert torch.equal(a, b)
+    check_rows(a, tokenizer.get_bos_token_id(), val_docs)
+
+
+def doc_stream(lengths, extra=1000):
+    """Documents whose tokens name them: the k-th (from 1) is [1000k, 1000k+1, ...], no BOS id."""
+    for k, n in enumerate(list(lengths) + [50] * extra):
+        yield np.arange(1000 * (k + 1), 1000 * (k + 1) + n, dtype=np.uint32), 1
+
+
+def test_pack_rows_best_fit(monkeypatch):
+    monkeypatch.setattr(prepare, "DOC_BUFFER", 3)
+    bos = 7
+    # buffer holds docs of 2, 5, 3 tokens (3, 6, 4 with BOS); row of 10: the 5-token doc is the
+    # largest that fits, taken before the older, smaller ones; then 4 left: the 3-token doc
+    rows, epoch = next(prepare.pack_rows(doc_stream([2, 5, 3, 20]), B=1, T=9, bos=bos))
+    assert rows.shape == (1, 10) and rows.dtype == np.int64 and epoch == 1
+    assert rows[0].tolist() == [bos, 2000, 2001, 2002, 2003, 2004, bos, 3000, 3001, 3002]
+
+
+def test_pack_rows_crops_the_shortest_when_none_fits(monkeypatch):
+    monkeypatch.setattr(prepare, "DOC_BUFFER", 3)
+    bos = 7
+    rows, _ = next(prepare.pack_rows(doc_stream([20, 30, 15]), B=2, T=9, bos=bos))
+    assert rows[0].tolist() == [bos] + list(range(3000, 3009))  # the shortest (15), cropped to 9
+    # the cropped remainder is dropped; the next row crops the next shortest (20, not 50)
+    assert rows[1].tolist() == [bos] + list(range(1000, 1009))
+
+
+def test_pack_rows_fills_rows_exactly(monkeypatch):
+    monkeypatch.setattr(prepare, "DOC_BUFFER", 4)
+    bos = 7
+    # 9 tokens + BOS fill a row of 10 exactly; then 5 + 3 tokens + 2 BOS fill the next, no crop
+    rows, _ = next(prepare.pack_rows(doc_stream([3, 5, 9, 40], extra=10), B=2, T=9, bos=bos))
+    assert rows[0].tolist() == [bos] + list(range(3000, 3009))
+    assert rows[1].tolist() == [bos, 2000, 2001, 2002, 2003, 2004, bos, 1000, 1001, 1002]
+    # and over many rows of mixed documents, every position is a real token, never filler
+    monkeypatch.setattr(prepare, "DOC_BUFFER", 16)
+    rng = random.Random(0)
+    gen = prepare.pack_rows(doc_stream([rng.randint(0, 40) for _ in range(500)]), B=8, T=31, bos=bos)
+    for _ in range(10):
+        rows, _ = next(gen)
+        assert (rows[:, 0] == bos).all()
+        assert ((rows == bos) | (rows >= 1000)).all()
+        # within a document tokens are consecutive; a document starts with its first token
+        nxt, prev = rows[:, 1:], rows[:, :-1]
+        step_ok = (nxt == prev + 1) | (nxt == bos) | ((prev == bos) & (nxt % 1000 == 0))
+        assert step_ok.all()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate_bpb
+
+
+class FixedLossModel(torch.nn.Module):
+    """Per-token loss from a rule; records the batch shapes it was called with."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.rule = rule
+        self.shapes = []
+
+    def forward(self, x, y, reduction="mean"):
+        assert reduction == "none"
+        self.shapes.append((tuple(x.shape), tuple(y.shape)))
+        return self.rule(y).reshape(-1)
+
+
+@pytest.fixture
+def small_eval(monkeypatch, toy_cache, tokenizer):
+    """MAX_SEQ_LEN=64, 21 evaluation rows; returns the first 21 rows' targets and token_bytes."""
+    T, rows = 64, 21
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", T * rows + 17)  # a remainder is not a row
+    loader = prepare.make_dataloader(tokenizer, rows, T, "val", device="cpu")
+    _, y, _ = next(loader)
+    loader.close()
+    token_bytes = torch.from_numpy(np.load(os.path.join(toy_cache, "tokenizer", "token_bytes.npy"),
+                                           allow_pickle=False).astype(np.int64))
+    return y, token_bytes
+
+
+def test_evaluate_bpb_uniform_model(small_eval, tokenizer):
+    y, token_bytes = small_eval
+    V = tokenizer.get_vocab_size()
+    b = token_bytes[y]
+    scored_tokens, scored_bytes = int((b > 0).sum()), int(b.sum())
+    assert 0 < scored_tokens < y.numel()  # BOS targets exist and are not scored
+    model = FixedLossModel(lambda t: torch.full(t.shape, math.log(V)))
+    bpb = prepare.evaluate_bpb(model, tokenizer, 4)
+    assert bpb == pytest.approx(math.log2(V) * scored_tokens / scored_bytes, rel=1e-6)
+
+
+def test_evaluate_bpb_same_tokens_for_any_batch_size(small_eval, tokenizer):
+    y, token_bytes = small_eval
+    b = token_bytes[y]
+    rule = lambda t: ((t % 7) + 1).float()  # noqa: E731 - small integers: float sums are exact
+    expected = float(torch.where(b > 0, rule(y), 0.0).sum()) / (math.log(2) * int(b.sum()))
+    results = {}
+    for batch_size in (4, 8, 21, 5, 1, 30):
+        model = FixedLossModel(rule)
+        results[batch_size] = prepare.evaluate_bpb(model, tokenizer, batch_size)
+        assert set(model.shapes) == {((batch_size, 64), (batch_size, 64))}
+        assert len(model.shapes) == math.ceil(21 / batch_size)
+    assert len(set(results.values())) == 1, results
+    assert results[4] == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a user sees: `python prepare.py` as a subprocess, with AUTORESEARCH_CACHE_DIR and
+# AUTORESEARCH_DATA_URL. Each run pays the torch import (3-4 s here, whatever the parallelism),
+# so there are few of them: the `runs` fixture starts every scenario up front, two at a time, and
+# the tests below check one scenario each.
+
+CLI_SUBPROCESS_CASES = ["num-shards -5", "download-workers x"]
+
+# The unreachable case runs main() with the retry delays shortened, so that the test is fast (the
+# real backoff is 1+2+4+8 s for the shards in flight); everything else is `python prepare.py`.
+FAST_RETRY_MAIN = ("import sys, prepare; prepare.RETRY_BASE_DELAY = 0.01; sys.argv[0] = 'prepare.py'; "
+                   "prepare.main(sys.argv[1:])")
+
+IMPORT_CHECK = """
+import socket
+def no_network(*a, **k): raise RuntimeError('network used at import')
+socket.socket.connect = socket.socket.connect_ex = no_network
+socket.getaddrinfo = socket.create_connection = no_network
+import prepare, torch
+assert not torch.cuda.is_initialized()
+print('imported', prepare.VOCAB_SIZE, prepare.MAX_SEQ_LEN)
+"""
+
+
+def timed_run(argv, cache, url):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=subprocess_env(cache, url),
+                       capture_output=True, text=True, timeout=120)
+    return {"p": p, "seconds": time.time() - t0, "cache": cache, "url": url}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """scenario name -> dict(p=CompletedProcess, seconds, cache, url, ...)."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = {}
+    servers = []
+
+    # happy path: a file:// mirror (its folder name has a space), then an http:// one with one more
+    # shard, into a relocated cache
+    folder = make_mirror_folder(root / "a mirror", n_train=3)
+    http = Mirror(folder)
+    servers.append(http)
+
+    def happy():
+        cache = root / "relocated cache"
+        first = timed_run(["prepare.py", "--num-shards", "1", "--download-workers", "2"], cache, folder.as_uri())
+        first["hits"] = dict(http.hits)
+        first["tokenizer.json"] = (cache / "tokenizer" / "tokenizer.json").read_bytes() \
+            if (cache / "tokenizer" / "tokenizer.json").exists() else None
+        second = timed_run(["prepare.py", "--num-shards", "2", "--download-workers", "2"], cache, http.url)
+        second["hits"] = dict(http.hits)
+        return {"first": first, "second": second, "mirror": folder}
+
+    jobs["happy"] = happy
+
+    val_404 = Mirror(make_mirror_folder(root / "mirror", n_train=2))
+    val_404.always[VAL] = "404"
+    servers.append(val_404)
+
+    def missing_val():
+        out = timed_run(["prepare.py", "--num-shards", "2", "--download-workers", "2"], root / "c1", val_404.url)
+        out["hits"] = dict(val_404.hits)
+        return out
+
+    jobs["missing val"] = missing_val
+
+    jobs["unreachable"] = lambda: timed_run(["-c", FAST_RETRY_MAIN, "--num-shards", "4", "--download-workers", "2"],
+                                            root / "c3", closed_port_url())
+    jobs["import"] = lambda: timed_run(["-c", IMPORT_CHECK], root / "not created", closed_port_url())
+    for case in CLI_SUBPROCESS_CASES:
+        args = CLI_CASES[case][0]
+        jobs[f"cli {case}"] = lambda args=args: timed_run(["prepare.py", *args], root / "cli cache", closed_port_url())
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(job) for name, job in jobs.items()}
+            return {name: fut.result() for name, fut in futures.items()}
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_file_then_http_mirror_and_cache_dir_from_env(runs):
+    first, second, mirror = runs["happy"]["first"], runs["happy"]["second"], runs["happy"]["mirror"]
+    cache = first["cache"]
+    data = cache / "data"
+    # 1) file:// mirror: shard 0 and the validation shard land in the relocated cache, the
+    #    tokenizer is trained (VOCAB_SIZE is the target; toy data runs out of merges sooner)
+    p = first["p"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"Cache: {cache}" in p.stdout
+    assert "1/1 training shards and the validation shard ready" in p.stdout
+    assert first["hits"] == {}  # the HTTP server was not involved
+    assert first["tokenizer.json"] is not None
+    # 2) http:// mirror, one more shard: only the new shard is fetched, the tokenizer is kept
+    p = second["p"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert second["url"] in p.stdout
+    assert second["hits"] == {"shard_00001.parquet": 1}
+    assert "2/2 training shards and the validation shard ready" in p.stdout
+    assert "Tokenizer: already trained" in p.stdout
+    assert (cache / "tokenizer" / "tokenizer.json").read_bytes() == first["tokenizer.json"]
+    names = sorted(os.listdir(data))
+    assert names == ["shard_00000.parquet", "shard_00001.parquet", VAL]  # shard 2 was not asked for
+    for name in names:
+        prepare.verify_shard(str(data / name))
+        assert (data / name).read_bytes() == (mirror / name).read_bytes()
+    tok = prepare.Tokenizer.from_directory(str(cache / "tokenizer"))
+    assert 256 + 4 < tok.get_vocab_size() <= prepare.VOCAB_SIZE
+    assert tok.decode(tok.encode("héllo 日本 🚀 42")) == "héllo 日本 🚀 42"
+
+
+@pytest.mark.parametrize("case", CLI_SUBPROCESS_CASES)
+def test_cli_rejects_bad_value_subprocess(runs, case):
+    run = runs[f"cli {case}"]
+    args, flag = CLI_CASES[case]
+    assert_clean_failure(run["p"], flag, args[1])
+    assert run["p"].stdout == ""  # rejected before any work
+    assert not (run["cache"] / "data").exists()
+
+
+def test_missing_validation_shard_exits_nonzero(runs):
+    run = runs["missing val"]
+    assert_clean_failure(run["p"], VAL, "validation")
+    assert run["hits"][VAL] == 1  # a 404 is final
+    assert f"missing {VAL}" in run["p"].stdout
+    assert not (run["cache"] / "tokenizer").exists()  # stopped before training
+
+
+def test_unreachable_mirror_one_message(runs):
+    run = runs["unreachable"]
+    cause = assert_clean_failure(run["p"], "AUTORESEARCH_DATA_URL", run["url"])
+    assert "could not reach" in cause
+    assert "missing shard" not in run["p"].stdout  # one message, not one per shard
+    assert run["seconds"] < 30
+    assert os.listdir(run["cache"] / "data") == []
+
+
+def test_import_needs_no_gpu_network_or_disk(runs):
+    run = runs["import"]
+    assert run["p"].returncode == 0, run["p"].stderr
+    assert run["p"].stdout.strip() == "imported 8192 2048"
+    assert run["seconds"] < 30
+    assert not run["cache"].exists()  # importing creates no cache folder
