@@ -3,8 +3,10 @@
 AUTORESEARCH_CACHE_DIR is set before prepare.py is imported anywhere, so every test and every
 subprocess (train.py runs) reads the toy cache, never the user's ~/.cache/autoresearch."""
 
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -12,7 +14,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = tempfile.mkdtemp(prefix="autoresearch-test-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 os.environ["AUTORESEARCH_CACHE_DIR"] = CACHE
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # toy models: CPU thread pools only thrash 2 cores
 os.environ["AUTORESEARCH_DATA_URL"] = "http://127.0.0.1:9/unused"  # no test may reach the internet
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
 sys.path.insert(0, ROOT)
