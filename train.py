@@ -81,9 +81,8 @@ def attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
 
 
 PEAK_BF16_FLOPS = [  # dense bf16 tensor-core FLOP/s by device-name substring; first match wins
-    ("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("GH200", 989.5e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
-    ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
 ]
 
 
@@ -259,7 +258,7 @@ class GPT(nn.Module):
         logits = 15 * torch.tanh(logits / 15)  # soft cap
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction=reduction)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +465,7 @@ print(attention_line)
 print(f"config: {config}")
 print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 print(f"FLOPs per token: {flops_per_token:e}; batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum_steps} x "
-      f"{DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}; time budget: {TIME_BUDGET}s")
+      f"{DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}; time budget: {TIME_BUDGET}s", flush=True)
 
 # ---------------------------------------------------------------------------------------------
 # Training loop
@@ -474,7 +473,7 @@ print(f"FLOPs per token: {flops_per_token:e}; batch: {TOTAL_BATCH_SIZE:,} tokens
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)
 t_loop = time.time()
-print(f"startup: {t_loop - t_start:.1f}s")
+print(f"startup: {t_loop - t_start:.1f}s", flush=True)
 interactive = sys.stdout.isatty()
 step, training_time, smooth_loss, last_print = 0, 0.0, 0.0, 0.0
 pending_loss = None  # last step's loss, read one step late so the CPU never waits for the GPU
@@ -516,7 +515,7 @@ while True:
         training_time += dt
     step += 1
     if step == UNCOUNTED_STEPS:
-        print(f"first {step} steps (compilation, not counted): {time.time() - t_loop:.1f}s")
+        print(f"first {step} steps (compilation, not counted): {time.time() - t_loop:.1f}s", flush=True)
 
     now = time.time()
     if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):
