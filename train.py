@@ -503,8 +503,9 @@ while True:
     model.zero_grad(set_to_none=True)
 
     if pending_loss is not None:
-        check_loss(pending_loss.item())
-        smooth_loss = 0.9 * smooth_loss + 0.1 * pending_loss.item()
+        last_loss = pending_loss.item()
+        check_loss(last_loss)
+        smooth_loss = 0.9 * smooth_loss + 0.1 * last_loss
     pending_loss = loss.detach()
     if step == 0:
         gc.collect()  # everything allocated so far lives for the whole run
