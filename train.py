@@ -286,11 +286,13 @@ def orthogonalize(g):  # (N, rows, cols): Polar Express iterations toward the ne
     X = g.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side, so that A = X X^T is the smaller square
+        X = X.mT
     for a, b, c in POLAR_EXPRESS_COEFFS:
-        A = X.mT @ X if tall else X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + (X @ B if tall else B @ X)
-    return X
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1)  # a X + B X
+    return X.mT if tall else X
 
 
 def muon_step(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, wd_t, beta2_t):
@@ -314,13 +316,10 @@ def muon_step(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, 
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-def adamw_steps(updates):  # one call for every AdamW parameter: compiled as one graph
-    for args in updates:
+def optimizer_steps(adamw_updates, muon_updates):  # every update in one call: compiled as one graph
+    for args in adamw_updates:
         adamw_step(*args)
-
-
-def muon_steps(updates):  # one call for every Muon group: compiled as one graph
-    for args in updates:
+    for args in muon_updates:
         muon_step(*args)
 
 
@@ -364,8 +363,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 stacks.append((params, stacked))
                 muon.append((torch.stack([p.grad for p in params]), stacked, state["momentum_buffer"],
                              state["second_moment_buffer"], t["momentum"], t["lr"], t["wd"], t["beta2"]))
-        adamw_steps(adamw)
-        muon_steps(muon)
+        optimizer_steps(adamw, muon)
         for params, stacked in stacks:
             torch._foreach_copy_(params, list(stacked.unbind(0)))
 
@@ -452,10 +450,9 @@ model.to_empty(device=device)
 model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
-if is_cuda:  # three compilations in all: the model (forward and backward) and the two optimizer steps
+if is_cuda:  # two compilations in all: the model (forward and backward) and the optimizer step
     model = torch.compile(model, dynamic=False)
-    adamw_steps = torch.compile(adamw_steps, dynamic=False, fullgraph=True)
-    muon_steps = torch.compile(muon_steps, dynamic=False, fullgraph=True)
+    optimizer_steps = torch.compile(optimizer_steps, dynamic=False, fullgraph=True)
 
 counts = model.param_counts()
 flops_per_token = model.flops_per_token()
