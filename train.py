@@ -145,8 +145,10 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding (ResFormer), mixed in by a gate that starts at 1
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        # QK-norm, then rotary: the same as rotary then norm (a rotation keeps the RMS), but the
+        # compiled backward of this order is faster
         q, k = norm(q), norm(k)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         y = attention(q, k, v, self.window)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, C))
 
@@ -244,21 +246,27 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w + 1, self.config.sequence_len) for w in self.windows)
         return 6 * matmul_params + attn
 
-    def forward(self, idx, targets=None, reduction="mean"):  # idx (B, T) -> loss, or logits (B, T, V)
+    def forward(self, idx, targets=None, reduction="mean"):  # idx (B, T) -> logits (B, T, V), or a loss
+        if targets is None:
+            return self.logits(idx)
+        with torch.enable_grad():  # even under no_grad: evaluation reuses the compiled training graph
+            loss, token_losses = self.losses(idx, targets)
+        return loss if reduction == "mean" else token_losses  # token_losses (B*T,) carry no gradient
+
+    def logits(self, idx):  # idx (B, T) -> soft-capped logits (B, T, V), fp32
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = x0 = norm(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin)
-        return self.head(x, targets, reduction)
-
-    def head(self, x, targets, reduction):
         logits = self.lm_head(norm(x)).float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return 15 * torch.tanh(logits / 15)  # soft cap
+
+    def losses(self, idx, targets):  # -> mean loss (to train on), per-token losses (B*T,) (to evaluate)
+        logits = self.logits(idx)
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        return losses.mean(), losses.detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,8 +458,8 @@ model.to_empty(device=device)
 model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
-if is_cuda:  # two compilations in all: the model (forward and backward) and the optimizer step
-    model = torch.compile(model, dynamic=False)
+if is_cuda:  # two compiled graphs: the model's losses (forward and backward) and the optimizer step
+    model.losses = torch.compile(model.losses, dynamic=False)
     optimizer_steps = torch.compile(optimizer_steps, dynamic=False, fullgraph=True)
 
 counts = model.param_counts()
@@ -535,7 +543,7 @@ if interactive:
 # Final evaluation and summary
 
 t_eval = time.time()
-with torch.compiler.set_stance("force_eager"), autocast:  # eager: evaluation never recompiles
+with torch.compiler.set_stance("eager_on_recompile"), autocast:  # the training graph; never a recompilation
     val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 print(f"evaluation: {time.time() - t_eval:.1f}s")
 counted_steps = step - UNCOUNTED_STEPS
