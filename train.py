@@ -251,7 +251,9 @@ class GPT(nn.Module):
             return self.logits(idx)
         with torch.enable_grad():  # even under no_grad: evaluation reuses the compiled training graph
             loss, token_losses = self.losses(idx, targets)
-        return loss if reduction == "mean" else token_losses  # token_losses (B*T,) carry no gradient
+        if reduction == "none":
+            return token_losses  # (B*T,), without gradient
+        return loss if torch.is_grad_enabled() else loss.detach()
 
     def logits(self, idx):  # idx (B, T) -> soft-capped logits (B, T, V), fp32
         T = idx.size(1)
