@@ -66,6 +66,7 @@ RETRY_BASE_DELAY = 1.0
 TOKENIZER_MAX_CHARS = 1_000_000_000
 TOKENIZER_DOC_CHARS = 10_000
 DOC_BUFFER = 1000            # documents buffered for best-fit packing
+TASK_DOCS = 128              # documents per tokenizing task of the dataloader's workers
 
 
 class PrepareError(SystemExit):
@@ -381,10 +382,8 @@ def _init_worker(encoding):
     _worker_encoding = encoding
 
 
-def encode_row_group(task):
-    """In a worker: read one row group, tokenize its documents. Returns (all tokens, lengths)."""
-    path, row_group = task
-    texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+def encode_documents(texts):
+    """In a worker: tokenize a list of documents. Returns (all tokens, lengths)."""
     docs = [_worker_encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     return (np.concatenate(docs) if docs else np.empty(0, np.uint32)), lengths
@@ -392,22 +391,24 @@ def encode_row_group(task):
 
 def documents(tokenizer, split, num_workers):
     """Endless stream of (tokens, epoch): each document as a uint32 array, in file order.
-    Row groups are tokenized by worker processes (forked, on Linux; threads elsewhere), a bounded
-    number ahead of the consumer, and their results are taken in order."""
+    Row groups are read here and tokenized by worker processes (forked, on Linux; threads
+    elsewhere) in slices of TASK_DOCS documents, a bounded number ahead of the consumer; their
+    results are taken in order. Small slices keep every worker busy from the first batch on."""
     paths = list_shards(split)
-    tasks = [(path, rg) for path in paths for rg in range(pq.ParquetFile(path).num_row_groups)]
+    row_groups = [(path, rg) for path in paths for rg in range(pq.ParquetFile(path).num_row_groups)]
     make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
     with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
         pending = deque()
         for epoch in itertools.count(1):
-            for task in tasks:
-                pending.append((pool.apply_async(encode_row_group, (task,)), epoch))
-                if len(pending) < 2 * num_workers:
-                    continue
-                result, ep = pending.popleft()
-                tokens, lengths = result.get()
-                for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
-                    yield doc, ep
+            for path, rg in row_groups:
+                texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text")
+                for start in range(0, len(texts), TASK_DOCS):
+                    pending.append((pool.apply_async(encode_documents, (texts[start:start + TASK_DOCS].to_pylist(),)), epoch))
+                while len(pending) >= 2 * num_workers:
+                    result, ep = pending.popleft()
+                    tokens, lengths = result.get()
+                    for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
+                        yield doc, ep
 
 
 def pack_rows(docs, B, T, bos):

@@ -416,7 +416,7 @@ ADAM_BETAS = (0.8, 0.95)   # AdamW betas
 WARMUP_RATIO = 0.0         # fraction of the time budget spent warming the lr up
 WARMDOWN_RATIO = 0.5       # fraction of the time budget spent decaying the lr to FINAL_LR_FRAC
 FINAL_LR_FRAC = 0.0        # lr multiplier at the end of training
-UNCOUNTED_STEPS = 2        # first steps (compilation) are not counted against TIME_BUDGET
+UNCOUNTED_STEPS = 1        # first steps (compilation) are not counted against TIME_BUDGET
 
 
 def lr_multiplier(progress):  # progress = counted training seconds / TIME_BUDGET
@@ -523,7 +523,7 @@ while True:
         training_time += dt
     step += 1
     if step == UNCOUNTED_STEPS:
-        print(f"first {step} steps (compilation, not counted): {time.time() - t_loop:.1f}s", flush=True)
+        print(f"compilation: {time.time() - t_loop:.1f}s (the first {step} step(s), not counted)", flush=True)
 
     now = time.time()
     if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):

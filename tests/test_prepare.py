@@ -592,6 +592,16 @@ def check_rows(rows, bos, docs):
         assert any(d[:len(last)] == last for d in docs)
 
 
+def test_documents_come_in_file_order_across_epochs(toy_cache, tokenizer, monkeypatch):
+    monkeypatch.setattr(prepare, "TASK_DOCS", 7)  # row groups of 50 documents, in uneven slices
+    expected = encoded_docs(tokenizer, prepare.list_shards("train"))
+    stream = prepare.documents(tokenizer, "train", num_workers=3)
+    got = [next(stream) for _ in range(len(expected) + 60)]
+    stream.close()
+    assert [tuple(doc.tolist()) for doc, _ in got] == expected + expected[:60]
+    assert [epoch for _, epoch in got] == [1] * len(expected) + [2] * 60
+
+
 def test_dataloader_packing_invariants(toy_cache, tokenizer):
     B, T = 4, 128
     vocab, bos = tokenizer.get_vocab_size(), tokenizer.get_bos_token_id()
