@@ -403,7 +403,8 @@ def documents(tokenizer, split, num_workers):
             for path, rg in row_groups:
                 texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text")
                 for start in range(0, len(texts), TASK_DOCS):
-                    pending.append((pool.apply_async(encode_documents, (texts[start:start + TASK_DOCS].to_pylist(),)), epoch))
+                    task = texts[start:start + TASK_DOCS].to_pylist()
+                    pending.append((pool.apply_async(encode_documents, (task,)), epoch))
                 while len(pending) >= 2 * num_workers:
                     result, ep = pending.popleft()
                     tokens, lengths = result.get()
