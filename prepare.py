@@ -395,13 +395,13 @@ def documents(tokenizer, split, num_workers):
     elsewhere) in slices of TASK_DOCS documents, a bounded number ahead of the consumer; their
     results are taken in order. Small slices keep every worker busy from the first batch on."""
     paths = list_shards(split)
-    row_groups = [(path, rg) for path in paths for rg in range(pq.ParquetFile(path).num_row_groups)]
     make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
     with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
         pending = deque()
         for epoch in itertools.count(1):
-            for path, rg in row_groups:
-                texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text")
+            row_groups = ((pf, rg) for pf in map(pq.ParquetFile, paths) for rg in range(pf.num_row_groups))
+            for pf, rg in row_groups:  # each file opened once an epoch, when its turn comes
+                texts = pf.read_row_group(rg, columns=["text"]).column("text")
                 for start in range(0, len(texts), TASK_DOCS):
                     task = texts[start:start + TASK_DOCS].to_pylist()
                     pending.append((pool.apply_async(encode_documents, (task,)), epoch))

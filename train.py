@@ -483,7 +483,6 @@ t_loop = time.time()
 print(f"startup: {t_loop - t_start:.1f}s", flush=True)
 interactive = sys.stdout.isatty()
 step, training_time, smooth_loss, last_print = 0, 0.0, 0.0, 0.0
-pending_loss = None  # last step's loss, read one step late so the CPU never waits for the GPU
 
 
 def check_loss(loss):
@@ -509,11 +508,9 @@ while True:
     optimizer.step()
     model.zero_grad(set_to_none=True)
 
-    if pending_loss is not None:
-        last_loss = pending_loss.item()
-        check_loss(last_loss)
-        smooth_loss = 0.9 * smooth_loss + 0.1 * last_loss
-    pending_loss = loss.detach()
+    last_loss = loss.item()  # waits for the GPU to finish this step (all of it queued by now)
+    check_loss(last_loss)
+    smooth_loss = 0.9 * smooth_loss + 0.1 * last_loss
     if step == 0:
         gc.collect()  # everything allocated so far lives for the whole run
         gc.freeze()
@@ -527,7 +524,7 @@ while True:
 
     now = time.time()
     if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):
-        debiased = smooth_loss / (1 - 0.9 ** max(step - 1, 1))
+        debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = TOTAL_BATCH_SIZE / dt
         mfu = f"{100 * flops_per_token * tok_per_sec / peak:.1f}%" if peak else "n/a"
         line = (f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {1000 * dt:.0f}ms"
@@ -537,7 +534,6 @@ while True:
     if step > UNCOUNTED_STEPS and training_time >= TIME_BUDGET:
         break
 
-check_loss(pending_loss.item())
 if interactive:
     print()
 
