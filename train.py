@@ -51,9 +51,13 @@ def setup_attention(device, seq_len, windows):
             reason = f"FA3 from {repo} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         for w in set(windows):  # sliding windows run as block-sparse flex_attention when compiled
             if w < seq_len - 1:
-                BLOCK_MASKS[(seq_len, w)] = create_block_mask(
-                    lambda b, h, q, k, w=w: (q >= k) & (q - k <= w), None, None, seq_len, seq_len, device=device)
+                BLOCK_MASKS[(seq_len, w)] = band_block_mask(seq_len, w, device)
     return f"attention: PyTorch SDPA (sliding windows: {'flex_attention' if BLOCK_MASKS else 'masked SDPA'}); {reason}"
+
+
+def band_block_mask(seq_len, window, device):
+    """The band as a flex_attention BlockMask: a query sees itself and the `window` tokens before it."""
+    return create_block_mask(lambda b, h, q, k: (q >= k) & (q - k <= window), None, None, seq_len, seq_len, device=device)
 
 
 def band_attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)

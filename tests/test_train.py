@@ -98,6 +98,38 @@ def test_band_attention_matches_naive_reference(ns, T, H, H_kv, window):
         torch.testing.assert_close(y, v.detach().repeat_interleave(H // H_kv, dim=2), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("T, H, H_kv, window", [
+    (384, 4, 4, 200),  # three 128-token blocks: full, partial and empty blocks in the mask
+    (384, 4, 4, 128),  # the band's edge on a block boundary
+    (384, 4, 2, 129),  # GQA
+    (384, 2, 2, 0),    # the token itself only
+])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_path_matches_naive_reference(ns, monkeypatch, T, H, H_kv, window):
+    """Compiled on CUDA, sliding windows run as flex_attention with band_block_mask. Run eagerly
+    here, that path must give the band of Flash Attention's window_size=(window, 0)."""
+    monkeypatch.setitem(ns["BLOCK_MASKS"], (T, window), ns["band_block_mask"](T, window, "cpu"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    routed = []
+    real_flex = ns["flex_attention"]
+    monkeypatch.setitem(ns, "flex_attention", lambda *a, **kw: routed.append(1) or real_flex(*a, **kw))
+    gen = torch.Generator().manual_seed(T + H_kv + window)
+    B, D = 1, 16
+    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+
+    y = ns["band_attention"](q, k, v, window)
+    assert routed == [1], "band_attention did not take the flex_attention path"
+    y_ref = reference_attention(q, k, v, window)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((y * upstream).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (q, k, v))
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
+
+
 def test_attention_without_flash_routes_to_band_attention(ns, monkeypatch):
     calls = []
     real = ns["band_attention"]
