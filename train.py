@@ -85,8 +85,9 @@ def attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
 
 
 PEAK_BF16_FLOPS = [  # dense bf16 tensor-core FLOP/s by device-name substring; first match wins
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200 NVL", 835e12), ("H200", 989.5e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
 ]
 
 

@@ -553,7 +553,7 @@ def test_peak_flops_cpu_is_zero(ns):
     ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.5e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
     ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
-    ("NVIDIA H100 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
     ("Some Future GPU 9000", 0.0),
 ])
 def test_peak_flops_lookup(ns, monkeypatch, name, flops):
