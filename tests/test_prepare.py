@@ -7,6 +7,7 @@ length); what a user sees (exit status, one-line errors, no tracebacks) is check
 
 import collections
 import http.server
+import itertools
 import json
 import math
 import os
@@ -595,11 +596,14 @@ def check_rows(rows, bos, docs):
 def test_documents_come_in_file_order_across_epochs(toy_cache, tokenizer, monkeypatch):
     monkeypatch.setattr(prepare, "TASK_DOCS", 7)  # row groups of 50 documents, in uneven slices
     expected = encoded_docs(tokenizer, prepare.list_shards("train"))
-    stream = prepare.documents(tokenizer, "train", num_workers=3)
-    got = [next(stream) for _ in range(len(expected) + 60)]
+    assert len(expected) % 50 == 0
+    per_epoch = len(expected) // 50 * 8  # each row group: 7 slices of 7 documents, then 1
+    stream = prepare.document_batches(tokenizer, "train", num_workers=3)
+    got = [next(stream) for _ in range(per_epoch + 9)]
     stream.close()
-    assert [tuple(doc.tolist()) for doc, _ in got] == expected + expected[:60]
-    assert [epoch for _, epoch in got] == [1] * len(expected) + [2] * 60
+    assert [len(docs) for docs, _ in got] == ([7] * 7 + [1]) * (len(expected) // 50) + [7] * 7 + [1, 7]
+    assert [tuple(doc.tolist()) for docs, _ in got for doc in docs] == expected + expected[:57]
+    assert [epoch for _, epoch in got] == [1] * per_epoch + [2] * 9
 
 
 def test_dataloader_packing_invariants(toy_cache, tokenizer):
@@ -640,9 +644,9 @@ def test_val_loader_is_deterministic_and_val_only(toy_cache, tokenizer):
 
 
 def doc_stream(lengths, extra=1000):
-    """Documents whose tokens name them: the k-th (from 1) is [1000k, 1000k+1, ...], no BOS id."""
+    """Batches of one document, whose tokens name it: the k-th (from 1) is [1000k, 1000k+1, ...]."""
     for k, n in enumerate(list(lengths) + [50] * extra):
-        yield np.arange(1000 * (k + 1), 1000 * (k + 1) + n, dtype=np.uint32), 1
+        yield [np.arange(1000 * (k + 1), 1000 * (k + 1) + n, dtype=np.uint32)], 1
 
 
 def test_pack_rows_best_fit(monkeypatch):
@@ -683,6 +687,56 @@ def test_pack_rows_fills_rows_exactly(monkeypatch):
         nxt, prev = rows[:, 1:], rows[:, :-1]
         step_ok = (nxt == prev + 1) | (nxt == bos) | ((prev == bos) & (nxt % 1000 == 0))
         assert step_ok.all()
+
+
+def recipe_rows(batches, B, T, bos, buffer_size):
+    """The recipe's packing, written plainly: a list of documents in arrival order, refilled a
+    whole batch at a time while it holds fewer than buffer_size; into each row the largest document
+    that fits, else the shortest, cropped (the first such in the list, as max and min return)."""
+    buffer = []
+    while True:
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buffer) < buffer_size:
+                    docs, epoch = next(batches)
+                    buffer.extend([bos] + doc.tolist() for doc in docs)
+                space = T + 1 - len(row)
+                fits = [i for i, doc in enumerate(buffer) if len(doc) <= space]
+                if fits:
+                    row += buffer.pop(max(fits, key=lambda i: len(buffer[i])))
+                else:
+                    row += buffer.pop(min(range(len(buffer)), key=lambda i: len(buffer[i])))[:space]
+            rows.append(row)
+        yield np.array(rows), epoch
+
+
+def test_pack_rows_refills_whole_batches_as_the_recipe(monkeypatch):
+    """Batches of 1 to 12 documents, a fifth of them longer than a row: the rows equal the plain
+    recipe's, token for token. Refilling one document at a time would differ within a few rows."""
+    monkeypatch.setattr(prepare, "DOC_BUFFER", 40)
+
+    def batches(seed):
+        rng = np.random.default_rng(seed)
+        k = 0
+        for epoch in itertools.count(1):
+            for _ in range(30):
+                docs = []
+                for _ in range(rng.integers(1, 13)):
+                    k += 1
+                    n = int(rng.integers(80, 200)) if rng.random() < 0.2 else int(rng.integers(1, 60))
+                    docs.append(np.arange(1000 * k, 1000 * k + n, dtype=np.uint32))
+                yield docs, epoch
+
+    ours, plain = prepare.pack_rows(batches(1), B=4, T=63, bos=7), recipe_rows(batches(1), 4, 63, 7, 40)
+    epochs = set()
+    for _ in range(60):
+        (a, epoch_a), (b, epoch_b) = next(ours), next(plain)
+        np.testing.assert_array_equal(a, b)
+        assert epoch_a == epoch_b
+        epochs.add(epoch_a)
+    assert max(epochs) >= 3, "the stream should have wrapped around (epochs) more than once"
 
 
 # ---------------------------------------------------------------------------------------------
