@@ -68,6 +68,27 @@ def reference_attention(q, k, v, window):
     return (scores.softmax(dim=-1) @ v).transpose(1, 2)
 
 
+def check_against_reference(attention_fn, B, T, H, H_kv, window):
+    """attention_fn(q, k, v, window) equals the naive reference in float64, outputs and gradients.
+    Returns the output and v."""
+    gen = torch.Generator().manual_seed(T + H_kv + window)
+    D = 16
+    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+
+    y = attention_fn(q, k, v, window)
+    y_ref = reference_attention(q, k, v, window)
+    assert y.shape == (B, T, H, D)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((y * upstream).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (q, k, v))
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
+    return y.detach(), v.detach()
+
+
 @pytest.mark.parametrize("T, H, H_kv, window", [
     (64, 4, 4, 63),    # full: window = T - 1
     (64, 4, 4, 2048),  # full: window > T (an 'L' layer with a shorter batch)
@@ -79,23 +100,9 @@ def reference_attention(q, k, v, window):
     (64, 4, 2, 0),     # GQA, the token itself only
 ])
 def test_band_attention_matches_naive_reference(ns, T, H, H_kv, window):
-    gen = torch.Generator().manual_seed(T + H_kv + window)
-    B, D = 2, 16
-    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
-
-    y = ns["band_attention"](q, k, v, window)
-    y_ref = reference_attention(q, k, v, window)
-    assert y.shape == (B, T, H, D)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    grads = torch.autograd.grad((y * upstream).sum(), (q, k, v))
-    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (q, k, v))
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
+    y, v = check_against_reference(ns["band_attention"], 2, T, H, H_kv, window)
     if window == 0:  # each query sees only itself: the output is its own value vector
-        torch.testing.assert_close(y, v.detach().repeat_interleave(H // H_kv, dim=2), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(y, v.repeat_interleave(H // H_kv, dim=2), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("T, H, H_kv, window", [
@@ -113,21 +120,8 @@ def test_flex_attention_path_matches_naive_reference(ns, monkeypatch, T, H, H_kv
     routed = []
     real_flex = ns["flex_attention"]
     monkeypatch.setitem(ns, "flex_attention", lambda *a, **kw: routed.append(1) or real_flex(*a, **kw))
-    gen = torch.Generator().manual_seed(T + H_kv + window)
-    B, D = 1, 16
-    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
-
-    y = ns["band_attention"](q, k, v, window)
+    check_against_reference(ns["band_attention"], 1, T, H, H_kv, window)
     assert routed == [1], "band_attention did not take the flex_attention path"
-    y_ref = reference_attention(q, k, v, window)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    grads = torch.autograd.grad((y * upstream).sum(), (q, k, v))
-    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (q, k, v))
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
 
 
 def test_attention_without_flash_routes_to_band_attention(ns, monkeypatch):
