@@ -55,9 +55,14 @@ def setup_attention(device, seq_len, windows):
     return f"attention: PyTorch SDPA (sliding windows: {'flex_attention' if BLOCK_MASKS else 'masked SDPA'}); {reason}"
 
 
+def in_band(q, k, window):
+    """Whether query position q sees key position k: itself and the `window` tokens before it."""
+    return (q >= k) & (q - k <= window)
+
+
 def band_block_mask(seq_len, window, device):
-    """The band as a flex_attention BlockMask: a query sees itself and the `window` tokens before it."""
-    return create_block_mask(lambda b, h, q, k: (q >= k) & (q - k <= window), None, None, seq_len, seq_len, device=device)
+    """The band as a flex_attention BlockMask."""
+    return create_block_mask(lambda b, h, q, k: in_band(q, k, window), None, None, seq_len, seq_len, device=device)
 
 
 def band_attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
@@ -72,7 +77,7 @@ def band_attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
         y = flex_attention(q, k, v, block_mask=BLOCK_MASKS[(T, window)], enable_gqa=gqa)
     else:
         i = torch.arange(T, device=q.device)
-        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)  # (T, T)
+        band = in_band(i[:, None], i[None, :], window)  # (T, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa)
     return y.transpose(1, 2)
 
