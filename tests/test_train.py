@@ -503,6 +503,34 @@ def test_logits_soft_capped(ns):
     torch.testing.assert_close(logits, 15 * torch.tanh(raw / 15))
 
 
+@pytest.mark.parametrize("lm_head_scale", [1.0, 1e4])
+def test_losses_equal_cross_entropy_of_the_capped_logits(ns, lm_head_scale):
+    """`losses` takes logsumexp without the max subtraction that the soft cap makes unnecessary and picks
+    the target logit with a mask: it must still be F.cross_entropy, in value and gradient, also at the cap."""
+    gen = torch.Generator().manual_seed(13)
+    B, T = 2, TINY["sequence_len"]
+    idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
+    targets = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
+    model = tiny_model(ns)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_head_scale)
+        for block in model.blocks:  # nonzero output projections: gradients reach every matrix
+            block.attn.c_proj.weight.normal_(0, 0.05, generator=gen)
+            block.mlp.c_proj.weight.normal_(0, 0.05, generator=gen)
+    grads = lambda: [p.grad.clone() for p in model.parameters()]
+    mean, ours = model.losses(idx, targets)
+    mean.backward()
+    our_grads = grads()
+    model.zero_grad()
+    theirs = F.cross_entropy(model.logits(idx).flatten(0, 1), targets.view(-1), reduction="none")
+    theirs.mean().backward()
+    torch.testing.assert_close(ours, theirs.detach())
+    for a, b in zip(our_grads, grads()):
+        torch.testing.assert_close(a, b)
+    if lm_head_scale > 1:
+        assert model.logits(idx).abs().max() > 14.9, "the test should push logits into the cap"
+
+
 def test_backward_reaches_every_parameter(ns):
     model = tiny_model(ns)
     idx = torch.randint(0, TINY["vocab_size"], (2, TINY["sequence_len"]), generator=torch.Generator().manual_seed(8))
