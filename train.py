@@ -475,6 +475,7 @@ model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
 if is_cuda:  # two compiled graphs: the model's losses (forward and backward) and the optimizer step
+    torch._inductor.config.triton.autotune_pointwise = False  # no launch-config benchmarks: 5 s less cold compile
     model.losses = torch.compile(model.losses, dynamic=False)
     optimizer_steps = torch.compile(optimizer_steps, dynamic=False, fullgraph=True)
 
