@@ -17,6 +17,7 @@ Environment:
 """
 
 import argparse
+import atexit
 import base64
 import bisect
 import itertools
@@ -399,17 +400,22 @@ def document_batches(tokenizer, split, num_workers):
     make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
     with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
         pending = deque()
-        for epoch in itertools.count(1):
-            row_groups = ((pf, rg) for pf in map(pq.ParquetFile, paths) for rg in range(pf.num_row_groups))
-            for pf, rg in row_groups:  # each file opened once an epoch, when its turn comes
-                texts = pf.read_row_group(rg, columns=["text"]).column("text")
-                for start in range(0, len(texts), TASK_DOCS):
-                    task = texts[start:start + TASK_DOCS].to_pylist()
-                    pending.append((pool.apply_async(encode_documents, (task,)), epoch))
-                while len(pending) >= 2 * num_workers:
-                    result, ep = pending.popleft()
-                    tokens, lengths = result.get()
-                    yield np.split(tokens, np.cumsum(lengths)[:-1]), ep
+        try:
+            for epoch in itertools.count(1):
+                row_groups = ((pf, rg) for pf in map(pq.ParquetFile, paths) for rg in range(pf.num_row_groups))
+                for pf, rg in row_groups:  # each file opened once an epoch, when its turn comes
+                    texts = pf.read_row_group(rg, columns=["text"]).column("text")
+                    for start in range(0, len(texts), TASK_DOCS):
+                        task = texts[start:start + TASK_DOCS].to_pylist()
+                        pending.append((pool.apply_async(encode_documents, (task,)), epoch))
+                    while len(pending) >= 2 * num_workers:
+                        result, ep = pending.popleft()
+                        tokens, lengths = result.get()
+                        yield np.split(tokens, np.cumsum(lengths)[:-1]), ep
+        finally:  # the pool's shutdown deadlocks on a worker still sending a result: let them finish
+            deadline = time.time() + 10
+            for result, _ in pending:
+                result.wait(max(deadline - time.time(), 0))
 
 
 def pack_rows(batches, B, T, bos):
@@ -446,10 +452,27 @@ def pack_rows(batches, B, T, bos):
         yield batch, epoch
 
 
+_PRODUCERS = set()  # (stop event, thread) of each open dataloader's background thread
+
+
+def stop_producers(producers, timeout=5.0):
+    """Stop dataloaders' background threads and wait for them (they stop their workers). A thread
+    still at work while the interpreter shuts down can abort the process after the run's summary
+    ("terminate called without an active exception")."""
+    for stop, _ in producers:
+        stop.set()
+    for _, thread in producers:
+        thread.join(timeout)
+
+
+atexit.register(lambda: stop_producers(list(_PRODUCERS)))  # before multiprocessing's exit handler
+
+
 def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     """Endless iterator of (inputs, targets, epoch); inputs and targets (B, T) int64 on `device`
     (default: cuda, then mps, then cpu), targets = inputs shifted by one. Tokenizing and packing
-    run in the background (worker processes and a thread), a few batches ahead of the consumer."""
+    run in the background (worker processes and a thread), a few batches ahead of the consumer;
+    closing the iterator, or the interpreter's exit, stops them."""
     assert split in ("train", "val"), split
     device = torch.device(device) if device is not None else default_device()
     num_workers = num_workers or os.cpu_count() or 4
@@ -458,24 +481,28 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     ready = queue.Queue(maxsize=4)
     stop = threading.Event()
 
+    def hand_over(item):  # False once the consumer has stopped
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce():
-        try:
+        try:  # leaving this function closes the generators, and so the worker pool
             batches = document_batches(tokenizer, split, num_workers)
             for rows, epoch in pack_rows(batches, B, T, tokenizer.get_bos_token_id()):
                 xy = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # (2, B, T)
-                item = (xy.pin_memory() if pin else xy, epoch)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not hand_over((xy.pin_memory() if pin else xy, epoch)):
                     return
         except BaseException as e:  # hand the failure to the consumer instead of hanging it
-            ready.put((e, None))
+            hand_over((e, None))
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = (stop, threading.Thread(target=produce, daemon=True))
+    _PRODUCERS.add(producer)
+    producer[1].start()
     try:
         while True:
             xy, epoch = ready.get()
@@ -484,7 +511,8 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
             xy = xy.to(device, non_blocking=pin)
             yield xy[0], xy[1], epoch
     finally:
-        stop.set()
+        _PRODUCERS.discard(producer)
+        stop_producers([producer])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import http.server
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -642,6 +643,42 @@ def test_val_loader_is_deterministic_and_val_only(toy_cache, tokenizer):
     assert torch.equal(a, b)
     check_rows(a, tokenizer.get_bos_token_id(), val_docs)
 
+
+
+@pytest.mark.parametrize("split,workers", [("train", 2), ("val", 16), ("train", 16)])
+def test_closing_a_loader_stops_its_thread_and_workers(toy_cache, tokenizer, split, workers):
+    threads, children = set(threading.enumerate()), set(multiprocessing.active_children())
+    loader = prepare.make_dataloader(tokenizer, 4, 64, split, device="cpu", num_workers=workers)
+    for _ in range(3):
+        next(loader)
+    assert len(set(threading.enumerate()) - threads) >= 1
+    assert len(set(multiprocessing.active_children()) - children) == workers
+    t = time.time()
+    loader.close()  # with tasks in flight: workers still sending results when the pool is stopped
+    assert time.time() - t < 3
+    assert set(threading.enumerate()) - threads == set()
+    assert set(multiprocessing.active_children()) - children == set()
+
+
+EXIT_CHECK = """
+import atexit, multiprocessing.pool, threading
+def report():  # registered before prepare's exit handler, so it runs right after it
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    print("running at exit:", others, len(multiprocessing.active_children()), flush=True)
+atexit.register(report)
+import prepare
+loader = prepare.make_dataloader(prepare.Tokenizer.from_directory(), 4, 64, "train", device="cpu", num_workers=2)
+next(loader)
+print("a batch", flush=True)
+"""
+
+
+def test_exit_stops_a_loader_left_open(toy_cache):
+    """train.py never closes its training loader: at exit, its thread and workers are stopped
+    before the interpreter shuts down (a thread still reading then can abort the process)."""
+    r = subprocess.run([sys.executable, "-c", EXIT_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == ["a batch", "running at exit: [] 0"], r.stdout
 
 def doc_stream(lengths, extra=1000):
     """Batches of one document, whose tokens name it: the k-th (from 1) is [1000k, 1000k+1, ...]."""
