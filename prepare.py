@@ -465,7 +465,7 @@ def stop_producers(producers, timeout=5.0):
         thread.join(timeout)
 
 
-atexit.register(lambda: stop_producers(list(_PRODUCERS)))  # before multiprocessing's exit handler
+atexit.register(lambda: stop_producers(list(_PRODUCERS)))  # runs before multiprocessing's (registered at import)
 
 
 def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
