@@ -500,9 +500,10 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
         except BaseException as e:  # hand the failure to the consumer instead of hanging it
             hand_over((e, None))
 
-    producer = (stop, threading.Thread(target=produce, daemon=True))
+    thread = threading.Thread(target=produce, daemon=True)
+    producer = (stop, thread)
     _PRODUCERS.add(producer)
-    producer[1].start()
+    thread.start()
     try:
         while True:
             xy, epoch = ready.get()

@@ -644,7 +644,6 @@ def test_val_loader_is_deterministic_and_val_only(toy_cache, tokenizer):
     check_rows(a, tokenizer.get_bos_token_id(), val_docs)
 
 
-
 @pytest.mark.parametrize("split,workers", [("train", 2), ("val", 16), ("train", 16)])
 def test_closing_a_loader_stops_its_thread_and_workers(toy_cache, tokenizer, split, workers):
     threads, children = set(threading.enumerate()), set(multiprocessing.active_children())
@@ -679,6 +678,7 @@ def test_exit_stops_a_loader_left_open(toy_cache):
     r = subprocess.run([sys.executable, "-c", EXIT_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-2:] == ["a batch", "running at exit: [] 0"], r.stdout
+
 
 def doc_stream(lengths, extra=1000):
     """Batches of one document, whose tokens name it: the k-th (from 1) is [1000k, 1000k+1, ...]."""
