@@ -124,9 +124,10 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):  # x (B, T, H, D); cos, sin (1, T, 1, D/2)
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    # the halves (x1, x2) of each head become (x1 cos + x2 sin, x2 cos - x1 sin), written as one
+    # multiply-add with the halves swapped by a roll: compiled, faster than a torch.cat of the halves
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
+    return x * cos + x.roll(x.size(-1) // 2, -1) * sin
 
 
 def has_value_embedding(layer_idx, n_layer):

@@ -461,6 +461,19 @@ def test_qk_norm_then_rotary_equals_rotary_then_norm(ns):
     assert not torch.allclose(rotary(x, cos, sin), x)  # the rotation does something
 
 
+def test_rotary_rotates_the_two_halves_of_each_head_together(ns):
+    """The recipe's rotary, written out: the halves (x1, x2) of a head become
+    (x1 cos + x2 sin, x2 cos - x1 sin)."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, H, D = 2, 8, 3, 16
+    x = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    angles = torch.rand(1, T, 1, D // 2, generator=gen, dtype=torch.float64) * 6
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    expected = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    torch.testing.assert_close(ns["apply_rotary_emb"](x, cos, sin), expected)
+
+
 def test_evaluation_reuses_the_compiled_training_graph(ns, monkeypatch):
     """As train.py compiles it on CUDA: `model.losses` compiled once. Training steps, then
     evaluate_bpb (under no_grad, reduction='none') must run that same graph: no recompilation."""
