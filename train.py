@@ -280,9 +280,13 @@ class GPT(nn.Module):
         logits = self.logits(idx)  # (B, T, V); flattened here, the compiled backward would take 4 GB more
         # cross entropy = log(sum(exp(logits))) - logits[target]. The soft cap keeps exp(logits) within
         # [e^-15, e^15], so no max is subtracted first; a mask (not a gather) picks the target, so the
-        # backward is elementwise: compiled, one kernel each way, the gradient written over the logits
+        # backward is elementwise: compiled, one kernel, the gradient written over the logits. Both sums
+        # run over 8 pieces of the vocabulary, then over the pieces: compiled, a piece of 1024 fits in
+        # registers, and the forward kernel runs faster than one loop over the whole vocabulary
         is_target = torch.arange(logits.size(-1), device=logits.device) == targets[..., None]  # (B, T, V)
-        losses = (torch.log(torch.exp(logits).sum(-1)) - torch.where(is_target, logits, 0).sum(-1)).view(-1)
+        pieces = math.gcd(logits.size(-1), 8)
+        vocab_sum = lambda t: t.unflatten(-1, (pieces, -1)).sum(-1).sum(-1)  # (B, T, V) -> (B, T)
+        losses = (torch.log(vocab_sum(torch.exp(logits))) - vocab_sum(torch.where(is_target, logits, 0))).view(-1)
         return losses.mean(), losses.detach()
 
 
