@@ -12,6 +12,7 @@ with a `---` block whose `val_bpb:` line (validation bits per byte, lower is bet
 import gc
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -535,6 +536,8 @@ while True:
         gc.collect()  # everything allocated so far lives for the whole run
         gc.freeze()
         gc.disable()
+        if is_cuda:  # compiled: stop the compiler's worker processes (GBs of RAM) now, in the background
+            threading.Thread(target=torch._inductor.async_compile.shutdown_compile_workers).start()
     dt = time.time() - t0
     if step >= UNCOUNTED_STEPS:
         training_time += dt
