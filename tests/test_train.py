@@ -610,6 +610,22 @@ def test_peak_flops_table_order(ns, monkeypatch):
         assert ns["peak_flops"](torch.device("cuda")) == flops, key
 
 
+def test_private_compiler_names_train_py_uses_exist_in_this_torch():
+    """On CUDA only, train.py sets an inductor option and stops inductor's compile workers after
+    the first step: private torch names that no CPU run reaches. Each must exist in the torch that
+    uv installs, or a CUDA run would crash where these tests pass."""
+    import torch._inductor.async_compile  # noqa: F401 (loaded by torch.compile in train.py)
+    import torch._inductor.config  # noqa: F401
+    with open(TRAIN) as f:
+        names = set(re.findall(r"torch\._inductor(?:\.\w+)+", f.read()))
+    assert names, "no torch._inductor names found in train.py"
+    for name in names:
+        obj = torch
+        for part in name.split(".")[1:]:
+            assert hasattr(obj, part), f"{name}: torch {torch.__version__} has no {part}"
+            obj = getattr(obj, part)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs: toy-size copies of train.py as subprocesses, started together (2 cores), with
 # stdout going to a file as with `uv run train.py > run.log 2>&1`.
