@@ -210,7 +210,7 @@ def test_rehearsal(program, toy_cache, tmp_path):
     def run_ok(command=program.run, cwd=repo):
         """The run command as written, then the grep: a finished run and its summary block."""
         assert sh(command, cwd=cwd).returncode == 0, open(os.path.join(cwd, "run.log")).read()[-3000:]
-        with open(os.path.join(cwd, "run.log")) as f:
+        with open(os.path.join(cwd, "run.log"), newline="") as f:  # '\r' kept as it is
             log = f.read()
         check_summary(log)
         out = sh(program.grep, cwd=cwd, check=True).stdout.splitlines()

@@ -7,9 +7,12 @@ copies of train.py as subprocesses, edited the way an agent would edit them."""
 
 import math
 import os
+import pty
 import re
 import subprocess
 import sys
+import termios
+import threading
 
 import pytest
 import torch
@@ -648,12 +651,34 @@ VARIANTS = {  # name -> edit of the toy copy's train.py
 
 
 class TrainRun:
-    def __init__(self, repo, env):
+    """train.py in `repo`, its output in run.log: written there directly, or with terminal=True
+    shown on a pseudo-terminal (as in an interactive shell) and copied from it by a thread."""
+
+    def __init__(self, repo, env, terminal=False):
         self.repo = repo
         self.log_path = os.path.join(repo, "run.log")
-        self.log_file = open(self.log_path, "w")
+        self.log_file = open(self.log_path, "wb")
+        out, self.copier = self.log_file, None
+        if terminal:
+            screen, out = pty.openpty()
+            attrs = termios.tcgetattr(out)
+            attrs[1] &= ~termios.OPOST  # the terminal shows '\n' as it is, not as '\r\n'
+            termios.tcsetattr(out, termios.TCSANOW, attrs)
+            self.copier = threading.Thread(target=self.copy, args=(screen,), daemon=True)
         self.proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=env,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if terminal:
+            os.close(out)  # the child holds the terminal now: reading it ends when the child does
+            self.copier.start()
+
+    def copy(self, screen):
+        try:
+            while data := os.read(screen, 65536):
+                self.log_file.write(data)
+        except OSError:  # EIO: the child has exited and closed the terminal
+            pass
+        finally:
+            os.close(screen)
 
     def result(self, timeout=240):
         try:
@@ -662,8 +687,10 @@ class TrainRun:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"train.py in {self.repo} ran over {timeout}s")
+        if self.copier is not None:
+            self.copier.join(timeout=10)
         self.log_file.close()
-        with open(self.log_path) as f:
+        with open(self.log_path, newline="") as f:  # '\r' kept as it is
             return rc, f.read()
 
 
@@ -678,6 +705,7 @@ def runs(toy_cache, tmp_path_factory):
             repo = make_toy_repo(str(base / name), time_budget=3)
             change(os.path.join(repo, "train.py"))
             started[name] = TrainRun(repo, env)
+        started["terminal"] = TrainRun(make_toy_repo(str(base / "terminal"), time_budget=3), env, terminal=True)
         yield started
     finally:
         for run in started.values():
@@ -693,6 +721,10 @@ def start_runs_early(request):
     selected, so that they overlap with the unit tests."""
     if any(item.module is request.module and "runs" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("runs")
+
+
+PROGRESS = (r"step \d{5} \(\d+\.\d%\) \| loss: \d+\.\d{6} \| lrm: \d\.\d\d \| dt: \d+ms \| "
+            r"tok/sec: [\d,]+ \| mfu: n/a \| epoch: \d+ \| remaining: \d+s")
 
 
 def test_toy_run_end_to_end(runs):
@@ -720,9 +752,25 @@ def test_toy_run_end_to_end(runs):
     progress = [i for i, line in enumerate(lines) if line.startswith("step ")]
     assert progress and lines.index(params) < progress[0] < lines.index("---")
     for i in progress:
-        assert re.fullmatch(r"step \d{5} \(\d+\.\d%\) \| loss: \d+\.\d{6} \| lrm: \d\.\d\d \| dt: \d+ms \| "
-                            r"tok/sec: [\d,]+ \| mfu: n/a \| epoch: \d+ \| remaining: \d+s", lines[i]), lines[i]
+        assert re.fullmatch(PROGRESS, lines[i]), lines[i]
+    # into a file, a line every 5 s and one for the last step: not a line a step
+    assert len(progress) <= 2 + values["training_seconds"] // 5 < values["num_steps"] - 1, (len(progress), values)
     assert not any("FAIL" in line or "Traceback" in line for line in lines)
+
+
+def test_toy_run_on_a_terminal_rewrites_one_progress_line(runs):
+    rc, log = runs["terminal"].result()
+    assert rc == 0, log[-3000:]
+    startup, cr, rest = log.partition("\r")
+    assert cr and rest.startswith("step "), f"on a terminal, progress should be one line rewritten after '\\r': {log!r}"
+    progress, _, after = rest.partition("\n")
+    updates = progress.split("\r")
+    for update in updates:
+        assert re.fullmatch(PROGRESS + " *", update), repr(update)
+    assert "\r" not in startup and "\r" not in after, "startup lines and the summary are whole lines"
+    check_summary(after)
+    num_steps = int(re.search(r"^num_steps: +(\d+)$", after, re.M).group(1))
+    assert len(updates) == num_steps - 1  # every step after the first, each over the one before
 
 
 @pytest.mark.parametrize("variant", ["huge_lr", "huge_loss"])
