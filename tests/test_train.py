@@ -5,6 +5,7 @@ The functions are tested without running the training loop: the part of train.py
 into a namespace, so every constant is the real one. The loop itself is tested by running toy-size
 copies of train.py as subprocesses, edited the way an agent would edit them."""
 
+import ast
 import math
 import os
 import pty
@@ -355,6 +356,20 @@ def test_muon_step_updates_matrices_with_scaled_lr(ns):
     assert any(r > c for r, c in shapes) and any(r < c for r, c in shapes), "tiny model should have tall and wide"
 
 
+def test_muon_second_moment_is_an_ema_of_the_update_mean_square(ns):
+    gen = torch.Generator().manual_seed(5)
+    N, rows, cols, momentum, beta2 = 2, 48, 16, 0.9, 0.95
+    grads = torch.randn(N, rows, cols, generator=gen)
+    params = torch.randn(N, rows, cols, generator=gen)
+    momentum_buf = torch.zeros(N, rows, cols)
+    second_moment = torch.zeros(N, rows, 1)  # tall: a mean over each row
+    nesterov = grads.lerp(grads * (1 - momentum), momentum)  # first step, from a zero buffer
+    o = ns["orthogonalize"](nesterov).float()
+    ns["muon_step"](grads.clone(), params, momentum_buf, second_moment, torch.tensor(momentum),
+                    torch.tensor(0.01), torch.tensor(0.0), torch.tensor(beta2))
+    torch.testing.assert_close(second_moment, (1 - beta2) * o.square().mean(dim=-1, keepdim=True), rtol=1e-5, atol=0)
+
+
 def test_muon_cautious_weight_decay(ns):
     gen = torch.Generator().manual_seed(4)
     N, rows, cols = 3, 48, 16
@@ -394,6 +409,10 @@ def test_default_model_size_and_layout(ns):
     assert model.windows == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
     assert sorted(int(k) for k in model.value_embeds) == [1, 3, 5, 7]
     assert [b.attn.ve_gate is not None for b in model.blocks] == [i % 2 == 1 for i in range(8)]
+    # MFU's numerator: 6 x the matmul parameters (blocks and lm_head) + attention's 12 x heads x
+    # head_dim x keys seen a query, for six windows of 1024 (each query sees 1025 keys) and two full layers
+    matmul_params = 25_166_336 + 4_194_304
+    assert model.flops_per_token() == 6 * matmul_params + 12 * 4 * 128 * (6 * 1025 + 2 * 2048) == 239_115_264
 
 
 @pytest.mark.parametrize("n_layer, pattern", [(1, "S"), (3, "S"), (4, "SSSL"), (5, "SSSL"), (6, "LS"), (7, "ssl")])
@@ -427,6 +446,25 @@ def test_init_weights(ns):
     # rotary tables: position 0 is the identity rotation, base 10000
     assert torch.equal(model.cos[0, 0, 0], torch.ones(16)) and torch.equal(model.sin[0, 0, 0], torch.zeros(16))
     torch.testing.assert_close(model.cos[0, 1, 0, 1], torch.tensor(math.cos(10000 ** (-2 / 32))))
+
+
+def test_value_embedding_gate_starts_at_one(ns, monkeypatch):
+    """At init the gate is 2 * sigmoid(0) = 1: v is c_v(x) plus the value embedding itself."""
+    model = tiny_model(ns)
+    attn = next(b.attn for b in model.blocks if b.attn.ve_gate is not None)
+    B, T, C = 2, 8, TINY["n_embd"]
+    x = torch.randn(B, T, C)
+    ve = torch.randn(B, T, attn.n_kv_head * attn.head_dim)
+    seen = {}
+
+    def capture(q, k, v, window):
+        seen["v"] = v
+        return torch.zeros_like(q)
+
+    monkeypatch.setitem(ns, "attention", capture)
+    attn(x, ve, model.cos[:, :T], model.sin[:, :T])
+    expected = (attn.c_v(x) + ve).view(B, T, attn.n_kv_head, attn.head_dim)
+    torch.testing.assert_close(seen["v"], expected)
 
 
 def test_forward_losses(ns):
@@ -576,6 +614,14 @@ def test_lr_multiplier(ns):
     assert all(a >= b for a, b in zip(values, values[1:])), "the multiplier never rises"
 
 
+def test_lr_multiplier_warmup_and_final_fraction(ns, monkeypatch):
+    monkeypatch.setitem(ns, "WARMUP_RATIO", 0.1)
+    monkeypatch.setitem(ns, "FINAL_LR_FRAC", 0.1)
+    lrm = ns["lr_multiplier"]
+    assert lrm(0.0) == 0.0 and lrm(0.05) == pytest.approx(0.5) and lrm(0.1) == pytest.approx(1.0)
+    assert lrm(0.5) == pytest.approx(1.0) and lrm(0.75) == pytest.approx(0.55) and lrm(1.0) == pytest.approx(0.1)
+
+
 def test_muon_momentum(ns):
     mom = ns["muon_momentum"]
     assert mom(0) == pytest.approx(0.85)
@@ -594,6 +640,7 @@ def test_peak_flops_cpu_is_zero(ns):
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
     ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
     ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA B200", 2250e12),
     ("Some Future GPU 9000", 0.0),
 ])
 def test_peak_flops_lookup(ns, monkeypatch, name, flops):
@@ -642,11 +689,16 @@ def edit(path, old, new):
         f.write(text.replace(old, new))
 
 
+TRACE = ("    print('trace', repr((step, progress, dt, [(g['kind'], g['lr'], g['initial_lr'], g.get('momentum'),"
+         " g.get('weight_decay')) for g in optimizer.param_groups])), flush=True)\n")  # each step, as the loop set it
+
 VARIANTS = {  # name -> edit of the toy copy's train.py
     "baseline": lambda train: None,
     "huge_lr": lambda train: rewrite_constants(train, {"MATRIX_LR": "1e30", "EMBEDDING_LR": "1e30"}),
     "huge_loss": lambda train: edit(train, "return losses.mean(), ", "return 1e6 * losses.mean(), "),
-    "bad_batch": lambda train: rewrite_constants(train, {"TOTAL_BATCH_SIZE": "3 * 64"}),  # 4 x 64 per pass
+    "bad_batch": lambda train: rewrite_constants(train, {"TOTAL_BATCH_SIZE": "6 * 64"}),  # 4 x 64 per pass
+    "trace": lambda train: (edit(train, "    dt = time.time() - t0\n", "    dt = time.time() - t0\n" + TRACE),
+                            edit(train, "peak = peak_flops(device)\n", "peak = 1e9\n")),  # MFU on a CPU
 }
 
 
@@ -771,6 +823,33 @@ def test_toy_run_on_a_terminal_rewrites_one_progress_line(runs):
     check_summary(after)
     num_steps = int(re.search(r"^num_steps: +(\d+)$", after, re.M).group(1))
     assert len(updates) == num_steps - 1  # every step after the first, each over the one before
+
+
+def test_loop_clock_and_schedules(runs, ns):
+    """Step by step, as the loop set them: progress on the clock that leaves out the first step,
+    every group's lr from lr_multiplier, Muon's momentum and decayed weight decay; then the
+    summary's training_seconds and MFU from the same clock."""
+    rc, log = runs["trace"].result()
+    assert rc == 0, log[-3000:]
+    traces = [ast.literal_eval(line[len("trace "):]) for line in log.splitlines() if line.startswith("trace ")]
+    summary = dict(line.split(":", 1) for line in log.rstrip("\n").splitlines()[-len(SUMMARY):])
+    budget, counted = 3.0, 0.0  # the toy copy's TIME_BUDGET; the seconds counted so far
+    assert [t[0] for t in traces] == list(range(int(summary["num_steps"])))
+    for step, progress, dt, groups in traces:
+        assert progress == pytest.approx(min(counted / budget, 1.0), abs=1e-12), step
+        for kind, lr, initial_lr, momentum, weight_decay in groups:
+            assert lr == pytest.approx(initial_lr * ns["lr_multiplier"](progress)), (step, kind)
+            if kind == "muon":
+                assert momentum == pytest.approx(ns["muon_momentum"](step)), step
+                assert weight_decay == pytest.approx(ns["WEIGHT_DECAY"] * (1 - progress)), step
+        if step >= ns["UNCOUNTED_STEPS"]:
+            counted += dt
+    assert {kind for kind, *_ in traces[0][3]} == {"adamw", "muon"}
+    assert counted >= budget > counted - traces[-1][2], "training stops at the first step past the budget"
+    assert float(summary["training_seconds"]) == pytest.approx(counted, abs=0.051)
+    flops = float(re.search(r"^FLOPs per token: (\S+);", log, re.M).group(1))
+    tokens = (len(traces) - ns["UNCOUNTED_STEPS"]) * 4 * 64
+    assert float(summary["mfu_percent"]) == pytest.approx(100 * flops * tokens / counted / 1e9, rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["huge_lr", "huge_loss"])
