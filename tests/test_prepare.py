@@ -318,6 +318,9 @@ def test_verify_shard_rejects_bad_files(tmp_path, mirror_folder):
     write_wrong_schema(str(tmp_path / "schema"))
     with pytest.raises(ValueError, match="text"):
         prepare.verify_shard(str(tmp_path / "schema"))
+    pq.write_table(pa.table({"text": [1, 2, 3]}), str(tmp_path / "int_text"))
+    with pytest.raises(ValueError, match="text"):
+        prepare.verify_shard(str(tmp_path / "int_text"))
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "norows"))
     with pytest.raises(ValueError, match="rows"):
         prepare.verify_shard(str(tmp_path / "norows"))
@@ -402,6 +405,14 @@ def test_cli_rejects_bad_value(case, monkeypatch, capsys):
     assert len(cause) == 1 and flag in cause[0] and args[1] in cause[0], err
 
 
+def test_all_shards_means_every_training_shard_and_the_validation_shard_once(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prepare, "download_shard", lambda index, *a: asked.append(index) or ("present", 1))
+    paths = prepare.download_data(-1, 8, data_dir=str(tmp_path), base_url="http://127.0.0.1:9/")
+    assert sorted(asked) == list(range(prepare.MAX_SHARD)) + [prepare.VAL_SHARD]
+    assert len(paths) == prepare.MAX_SHARD and prepare.VAL_FILENAME not in {os.path.basename(p) for p in paths}
+
+
 def test_cli_values_parse():
     assert prepare.shard_count("-1") == -1
     assert prepare.shard_count("1") == 1
@@ -473,8 +484,21 @@ def test_tokenizer_special_tokens(small_tokenizer):
         assert int(token_bytes[vocab - 4 + i]) == 0
     assert tok.get_bos_token_id() == vocab - 4
     assert prepare.BOS_TOKEN == "<|reserved_0|>"
-    # special-token text in a document is plain text, never a special id
+    # special-token text in a document is plain text, never a special id: in Tokenizer.encode and in
+    # the dataloader's workers
     assert all(i < vocab - 4 for i in tok.encode("<|reserved_0|> hi"))
+    prepare._init_worker(tok.enc)
+    tokens, lengths = prepare.encode_documents(["<|reserved_0|> hi", "<|reserved_3|>"])
+    assert len(lengths) == 2 and (tokens < vocab - 4).all()
+    assert tok.decode(tokens[:lengths[0]].tolist()) == "<|reserved_0|> hi"
+
+
+def test_tokenizer_that_loses_text_is_refused(tmp_path, monkeypatch):
+    folder = make_mirror_folder(tmp_path / "data", n_train=1, docs_per_shard=20)
+    decode = prepare.Tokenizer.decode
+    monkeypatch.setattr(prepare.Tokenizer, "decode", lambda self, ids: decode(self, ids).replace("!", ""))
+    with pytest.raises(prepare.PrepareError, match="round trip"):
+        prepare.train_tokenizer([str(folder / prepare.shard_filename(0))], str(tmp_path / "tok"), vocab_size=300)
 
 
 def test_tokenizer_files_are_plain_data(small_tokenizer):
