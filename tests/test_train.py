@@ -168,6 +168,23 @@ def test_setup_attention_on_cpu_says_pytorch_and_why(ns):
     assert ns["FLASH_ATTN"] is None
 
 
+@pytest.mark.parametrize("capability, repo", [((9, 0), "varunneal/flash-attention-3"),
+                                              ((8, 9), "kernels-community/flash-attn3")])
+def test_setup_attention_on_cuda_without_fa3_falls_back_with_block_masks(ns, monkeypatch, capability, repo):
+    """On CUDA without the kernels package: PyTorch attention, a BlockMask for each sliding window
+    (none for full layers), and a line naming the FA3 build it tried and why it failed."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setitem(sys.modules, "kernels", None)  # `from kernels import ...` fails
+    made = []
+    monkeypatch.setitem(ns, "band_block_mask", lambda seq_len, window, device: made.append((seq_len, window)) or window)
+    monkeypatch.setitem(ns, "BLOCK_MASKS", {})
+    line = ns["setup_attention"](torch.device("cuda"), 64, [32, 32, 63, 16, 64])
+    assert sorted(made) == [(64, 16), (64, 32)]
+    assert ns["BLOCK_MASKS"] == {(64, 16): 16, (64, 32): 32} and ns["FLASH_ATTN"] is None
+    assert line.startswith("attention: PyTorch SDPA (sliding windows: flex_attention); ") and "\n" not in line, line
+    assert f"FA3 from {repo} unavailable: ModuleNotFoundError" in line, line
+
+
 # ---------------------------------------------------------------------------------------------
 # Muon's orthogonalisation
 
