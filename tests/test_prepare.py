@@ -268,6 +268,20 @@ def test_response_cut_short_is_retried(dest, mirror, mirror_folder, fast_retries
     assert leftovers(dest) == []
 
 
+def test_body_shorter_than_its_content_length_is_an_error(tmp_path, monkeypatch):
+    """urllib3 2 raises on a short body itself; older versions return it silently, and fetch's own
+    check must catch it."""
+    class ShortResponse:
+        status_code, headers = 200, {"Content-Length": "100"}
+        __enter__ = lambda self: self
+        __exit__ = lambda self, *exc: None
+        iter_content = lambda self, chunk_size: iter([b"x" * 50])
+
+    monkeypatch.setattr(prepare.requests, "get", lambda url, **kwargs: ShortResponse())
+    with pytest.raises(OSError, match="truncated: 50 of 100 bytes"):
+        prepare.fetch("http://127.0.0.1:9/shard_00000.parquet", str(tmp_path / "shard.tmp"))
+
+
 @pytest.mark.parametrize("cut", ["cut", "cut_no_length"])
 def test_response_always_cut_short_is_reported_failed(dest, mirror, fast_retries, cut, capsys):
     name = "shard_00000.parquet"
@@ -513,6 +527,26 @@ def test_tokenizer_files_are_plain_data(small_tokenizer):
     assert arr.dtype.kind == "i" and arr.shape == (300,)
     for path in tokenizer_dir.iterdir():
         assert not path.read_bytes().startswith(b"\x80")  # no pickle protocol header
+
+
+def test_tokenizer_save_that_fails_midway_leaves_the_last_complete_one(tmp_path, small_tokenizer, monkeypatch):
+    tok, tokenizer_dir = small_tokenizer
+    shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    ranks = {bytes([i]): i for i in range(256)}
+
+    def half_then_fail(obj, f):
+        f.write(json.dumps(obj)[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare.json, "dump", half_then_fail)
+    for folder in (tmp_path / "tok", tmp_path / "new"):
+        with pytest.raises(OSError, match="disk full"):
+            prepare.save_tokenizer(ranks, prepare.SPLIT_PATTERN, str(folder))
+    assert "tokenizer.json" not in os.listdir(tmp_path / "new")
+    kept = prepare.Tokenizer.from_directory(str(tmp_path / "tok"))
+    assert kept.get_vocab_size() == tok.get_vocab_size() == 300
+    assert prepare.get_token_bytes("cpu", str(tmp_path / "tok")).tolist() == \
+        prepare.get_token_bytes("cpu", str(tokenizer_dir)).tolist()
 
 
 def test_text_iterator_caps(tmp_path):
