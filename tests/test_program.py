@@ -176,26 +176,28 @@ def check_summary(log):
 # The rehearsal
 
 
+def bash(cmd, cwd, env, check=False):
+    """Run a command as the agent does: bash, in the checkout."""
+    r = subprocess.run(cmd, shell=True, executable="/bin/bash", cwd=cwd, env=env, capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, f"$ {cmd}\nrc={r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
 def test_results_commands_on_numbers_a_toy_run_never_prints(program, tmp_path):
     """The logging and best-so-far commands on a GPU run's figures (memory_gb from peak_vram_mb
     in MiB), and a discarded row with a lower val_bpb than every kept one."""
     env = toy_env()
-
-    def sh(cmd):
-        r = subprocess.run(cmd, shell=True, executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, f"$ {cmd}\n{r.stderr}"
-        return r.stdout
-
-    sh("git init -q && git commit -q --allow-empty -m baseline")
+    bash("git init -q && git commit -q --allow-empty -m baseline", tmp_path, env, check=True)
     (tmp_path / "run.log").write_text("step 00953 (100.0%) | loss: 2.9\n---\nval_bpb:          0.997900\n"
                                       "training_seconds: 300.1\npeak_vram_mb:     45060.2\nmfu_percent:      39.80\n")
-    sh(program.header)
-    sh(program.append)
+    bash(program.header, tmp_path, env, check=True)
+    bash(program.append, tmp_path, env, check=True)
     with open(tmp_path / "results.tsv", "a") as f:
         f.write("1a2b3c4\t0.990000\t44.0\tdiscard\tlower, and still discarded\n1a2b3c5\t0.000000\t0.0\tcrash\tboom\n")
     rows = [line.split("\t") for line in (tmp_path / "results.tsv").read_text().splitlines()]
     assert rows[1][1:] == ["0.997900", "44.0", "keep", "baseline"]
-    assert sh(program.best).strip() == "0.997900"
+    assert bash(program.best, tmp_path, env, check=True).stdout.strip() == "0.997900"
 
 
 def test_rehearsal(program, toy_cache, tmp_path):
@@ -204,11 +206,7 @@ def test_rehearsal(program, toy_cache, tmp_path):
     env = toy_env()
 
     def sh(cmd, cwd=repo, check=False):
-        """Run a command as the agent does: bash, in the checkout."""
-        r = subprocess.run(cmd, shell=True, executable="/bin/bash", cwd=cwd, env=env, capture_output=True, text=True)
-        if check:
-            assert r.returncode == 0, f"$ {cmd}\nrc={r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r
+        return bash(cmd, cwd, env, check)
 
     def git(*args, cwd=repo):
         return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
