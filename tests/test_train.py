@@ -796,14 +796,18 @@ PROGRESS = (r"step \d{5} \(\d+\.\d%\) \| loss: \d+\.\d{6} \| lrm: \d\.\d\d \| dt
             r"tok/sec: [\d,]+ \| mfu: n/a \| epoch: \d+ \| remaining: \d+s")
 
 
+def summary_values(log):
+    """The summary block at the end of a log: key -> value as a float, in the block's order."""
+    return {k: float(v) for k, v in (line.split(":", 1) for line in log.rstrip("\n").splitlines()[-len(SUMMARY):])}
+
+
 def test_toy_run_end_to_end(runs):
     rc, log = runs["baseline"].result()
     assert rc == 0, log[-3000:]
     check_summary(log)  # whole lines, no '\r'; the summary block last, every key in order
     lines = log.splitlines()
-    summary = dict(line.split(":", 1) for line in lines[-len(SUMMARY):])
-    assert list(summary) == [key for key, _ in SUMMARY]
-    values = {k: float(v) for k, v in summary.items()}
+    values = summary_values(log)
+    assert list(values) == [key for key, _ in SUMMARY]
     assert math.isfinite(values["val_bpb"]) and 0 < values["val_bpb"] < 20
     assert values["training_seconds"] >= 3.0 and values["total_seconds"] >= values["training_seconds"]
     assert values["num_steps"] > 2  # more than the uncounted compilation steps
@@ -849,7 +853,7 @@ def test_loop_clock_and_schedules(runs, ns):
     rc, log = runs["trace"].result()
     assert rc == 0, log[-3000:]
     traces = [ast.literal_eval(line[len("trace "):]) for line in log.splitlines() if line.startswith("trace ")]
-    summary = dict(line.split(":", 1) for line in log.rstrip("\n").splitlines()[-len(SUMMARY):])
+    summary = summary_values(log)
     budget, counted = 3.0, 0.0  # the toy copy's TIME_BUDGET; the seconds counted so far
     assert [t[0] for t in traces] == list(range(int(summary["num_steps"])))
     for step, progress, dt, groups in traces:
@@ -863,10 +867,10 @@ def test_loop_clock_and_schedules(runs, ns):
             counted += dt
     assert {kind for kind, *_ in traces[0][3]} == {"adamw", "muon"}
     assert counted >= budget > counted - traces[-1][2], "training stops at the first step past the budget"
-    assert float(summary["training_seconds"]) == pytest.approx(counted, abs=0.051)
+    assert summary["training_seconds"] == pytest.approx(counted, abs=0.051)
     flops = float(re.search(r"^FLOPs per token: (\S+);", log, re.M).group(1))
     tokens = (len(traces) - ns["UNCOUNTED_STEPS"]) * 4 * 64
-    assert float(summary["mfu_percent"]) == pytest.approx(100 * flops * tokens / counted / 1e9, rel=1e-4)
+    assert summary["mfu_percent"] == pytest.approx(100 * flops * tokens / counted / 1e9, rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["huge_lr", "huge_loss"])
