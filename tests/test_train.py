@@ -842,8 +842,7 @@ def test_toy_run_on_a_terminal_rewrites_one_progress_line(runs):
         assert re.fullmatch(PROGRESS + " *", update), repr(update)
     assert "\r" not in startup and "\r" not in after, "startup lines and the summary are whole lines"
     check_summary(after)
-    num_steps = int(re.search(r"^num_steps: +(\d+)$", after, re.M).group(1))
-    assert len(updates) == num_steps - 1  # every step after the first, each over the one before
+    assert len(updates) == summary_values(after)["num_steps"] - 1  # every step after the first, each over the one before
 
 
 def test_loop_clock_and_schedules(runs, ns):
