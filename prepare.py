@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 import requests
 import tiktoken
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ---------------------------------------------------------------------------------------------
 # Constants (fixed: their names are part of the interface)
@@ -517,15 +519,138 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Runtime: attention kernel, compilation, FLOP/s and memory figures for train.py
+
+# Flash Attention 3 from the kernels hub, at pinned revisions: a hub repository can change under
+# its users, and what it holds is native code. To move a pin, pick the repository's new commit on
+# the hub (its "Files and versions" history), check it has a build for the pinned torch, and
+# replace the hash here.
+FA3_HOPPER_REPO = "varunneal/flash-attention-3"  # compute capability 9.0 (H100, H200)
+FA3_HOPPER_REVISION = "de87b9b5af06dd9984df595bef90b2eba44b181a"
+FA3_REPO = "kernels-community/flash-attn3"      # other CUDA GPUs
+FA3_REVISION = "9542c462013476380ce4b395b9ddc0e8118161ee"
+
+_flash_attn = None  # FA3's interface module once loaded and checked; None = PyTorch attention
+_block_masks = {}   # (T, window) -> flex_attention BlockMask, for the compiled PyTorch path
+
+
+def setup_attention(device, seq_len, windows):
+    """Load FA3 for `device` from the hub (checked by a tiny call against PyTorch attention), else
+    prepare PyTorch attention for these windows. Returns the startup line: which path runs, and why."""
+    global _flash_attn
+    _flash_attn = None
+    _block_masks.clear()
+    reason = "no CUDA device"
+    if device.type == "cuda":
+        hopper = torch.cuda.get_device_capability(device) == (9, 0)
+        repo, revision = (FA3_HOPPER_REPO, FA3_HOPPER_REVISION) if hopper else (FA3_REPO, FA3_REVISION)
+        try:
+            from kernels import get_kernel
+            module = get_kernel(repo, revision=revision)
+            _flash_attn = getattr(module, "flash_attn_interface", module)
+            q = torch.randn(1, 256, 2, 64, device=device, dtype=torch.bfloat16)
+            if not torch.allclose(attention(q, q, q, 64).float(), band_attention(q, q, q, 64).float(), atol=2e-2):
+                raise RuntimeError("its output differs from PyTorch attention")
+            return f"attention: Flash Attention 3 from {repo}@{revision[:12]}"
+        except Exception as e:
+            _flash_attn = None
+            cause = str(e).splitlines()[0][:120] if str(e) else ""
+            reason = f"FA3 from {repo}@{revision[:12]} unavailable: {type(e).__name__}: {cause}"
+        for w in set(windows):  # sliding windows run as block-sparse flex_attention when compiled
+            if w < seq_len - 1:
+                _block_masks[(seq_len, w)] = band_block_mask(seq_len, w, device)
+    paths = "flex_attention" if _block_masks else "masked SDPA"
+    return f"attention: PyTorch SDPA (sliding windows: {paths}); {reason}"
+
+
+def in_band(q, k, window):
+    """Whether query position q sees key position k: itself and the `window` tokens before it."""
+    return (q >= k) & (q - k <= window)
+
+
+def band_block_mask(seq_len, window, device):
+    """The band as a flex_attention BlockMask."""
+    return create_block_mask(lambda b, h, q, k: in_band(q, k, window), None, None, seq_len, seq_len, device=device)
+
+
+def band_attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
+    """PyTorch attention with FA3's window_size=(window, 0) semantics; fewer kv heads = GQA."""
+    T = q.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    gqa = q.size(1) != k.size(1)
+    if window >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif torch.compiler.is_compiling() and (T, window) in _block_masks:
+        y = flex_attention(q, k, v, block_mask=_block_masks[(T, window)], enable_gqa=gqa)
+    else:
+        i = torch.arange(T, device=q.device)
+        band = in_band(i[:, None], i[None, :], window)  # (T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
+    """Causal attention in which a query sees itself and the `window` tokens before it: FA3 when
+    setup_attention loaded it, PyTorch attention otherwise."""
+    if _flash_attn is not None:
+        y = _flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        return y[0] if isinstance(y, tuple) else y
+    return band_attention(q, k, v, window)
+
+
+def compiled(fn=None, **kwargs):
+    """torch.compile(fn, dynamic=False, **kwargs) on CUDA, with the harness's compiler settings; `fn`
+    itself elsewhere (inductor on CPU or MPS costs more compile time than it saves). Also a
+    decorator: @compiled or @compiled(fullgraph=True)."""
+    if fn is None:
+        return lambda f: compiled(f, **kwargs)
+    if not torch.cuda.is_available():
+        return fn
+    import torch._inductor.config as inductor
+    inductor.triton.autotune_pointwise = False  # no launch-config benchmarks: 5 s less cold compile
+    return torch.compile(fn, dynamic=False, **kwargs)
+
+
+PEAK_BF16_FLOPS = [  # dense bf16 tensor-core FLOP/s by device-name substring; first match wins
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200 NVL", 835e12), ("H200", 989.5e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device):
+    """Peak dense bf16 FLOP/s of this GPU, or 0 when unknown (CPU, MPS, a GPU not in the table)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), 0.0)
+
+
+def mfu_percent(flops_per_second, device):
+    """Model FLOP/s utilisation in percent, or None when the device's peak is unknown."""
+    peak = peak_flops(device)
+    return 100 * flops_per_second / peak if peak else None
+
+
+def peak_memory_mb(device):
+    """Peak memory allocated on `device` so far, in MiB; 0 where the device keeps no such count."""
+    return torch.cuda.max_memory_allocated(device) / 1024 / 1024 if device.type == "cuda" else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation (the metric: do not change)
+
+EVAL_PIECE = 2**28  # logits scored at a time (1 GiB in fp32): bounds the cross entropy's memory
 
 
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte of the validation stream: exactly EVAL_TOKENS // MAX_SEQ_LEN rows of
-    MAX_SEQ_LEN tokens, whatever `batch_size` (it only chunks the work). Independent of the
-    vocabulary: nats summed over target tokens with bytes, over ln 2 x their UTF-8 bytes.
-    `model(x, y, reduction='none')` must return per-token cross entropy in nats."""
+    MAX_SEQ_LEN tokens, whatever `batch_size` (it only chunks the work). `model(x)` returns logits
+    (B, T, V); the cross entropy in nats is computed here, so no change to the training loss
+    changes the metric. Independent of the vocabulary: nats summed over target tokens with bytes,
+    over ln 2 x their UTF-8 bytes. A compiled model compiles its forward once more here, without
+    the loss and the backward (eagerly, this model's forward runs 3 times slower)."""
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN
@@ -534,10 +659,16 @@ def evaluate_bpb(model, tokenizer, batch_size):
     for start in range(0, rows, batch_size):
         x, y, _ = next(loader)
         keep = min(batch_size, rows - start)  # always the same shape for the model; score `keep` rows
-        loss = model(x, y, reduction="none").view(batch_size, -1)[:keep].float()
-        b = token_bytes[y[:keep]]
-        nats.append(torch.where(b > 0, loss, 0.0).sum())
-        nbytes.append(b.sum())
+        logits = model(x)[:keep]  # (keep, T, V)
+        y = y[:keep]
+        piece = max(1, EVAL_PIECE // (y.size(1) * logits.size(-1)))  # rows at a time
+        for i in range(0, keep, piece):
+            loss = F.cross_entropy(logits[i:i + piece].flatten(0, 1).float(), y[i:i + piece].flatten(),
+                                   reduction="none")  # (piece * T,) nats
+            b = token_bytes[y[i:i + piece]].flatten()
+            nats.append(torch.where(b > 0, loss, 0.0).sum())
+            nbytes.append(b.sum())
+        del logits
     loader.close()
     total_nats = torch.stack(nats).cpu().double().sum().item()
     total_bytes = torch.stack(nbytes).cpu().sum().item()

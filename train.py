@@ -1,6 +1,7 @@
 """
-train.py: the GPT, its optimizer (MuonAdamW) and the 5-minute training loop. The agent edits
-this file, and only this file: everything is fair game, from the architecture to the schedule.
+train.py: the research. The GPT, its optimizer (MuonAdamW) and the 5-minute training loop. The
+agent edits this file, and only this file: everything is fair game, from the architecture to the
+schedule. The platform (data, attention kernel, compilation, FLOP/s, the metric) is prepare.py's.
 
 Usage:
     uv run train.py > run.log 2>&1    # trains for TIME_BUDGET seconds, evaluates, prints a summary
@@ -12,98 +13,17 @@ with a `---` block whose `val_bpb:` line (validation bits per byte, lower is bet
 import gc
 import math
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, default_device, evaluate_bpb, make_dataloader
+from prepare import (MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, attention, compiled, default_device, evaluate_bpb,
+                     make_dataloader, mfu_percent, peak_memory_mb, setup_attention)
 
 t_start = time.time()
-
-# ---------------------------------------------------------------------------------------------
-# Platform plumbing: attention kernel and device facts. Rarely worth editing.
-
-FLASH_ATTN = None  # Flash Attention 3's interface module once loaded; None = PyTorch attention
-BLOCK_MASKS = {}   # (T, window) -> flex_attention BlockMask, for the compiled PyTorch path
-
-
-def setup_attention(device, seq_len, windows):
-    """Load FA3 from the kernels hub (checked by a tiny call); else PyTorch attention.
-    Returns one line saying which path runs and why."""
-    global FLASH_ATTN
-    reason = "no CUDA device"
-    if device.type == "cuda":
-        repo = "varunneal/flash-attention-3" if torch.cuda.get_device_capability() == (9, 0) else "kernels-community/flash-attn3"
-        try:
-            from kernels import get_kernel
-            module = get_kernel(repo)
-            FLASH_ATTN = getattr(module, "flash_attn_interface", module)
-            q = torch.randn(1, 256, 2, 64, device=device, dtype=torch.bfloat16)
-            if not torch.allclose(attention(q, q, q, 64).float(), band_attention(q, q, q, 64).float(), atol=2e-2):
-                raise RuntimeError("its output differs from PyTorch attention")
-            return f"attention: Flash Attention 3 from {repo}"
-        except Exception as e:
-            FLASH_ATTN = None
-            reason = f"FA3 from {repo} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        for w in set(windows):  # sliding windows run as block-sparse flex_attention when compiled
-            if w < seq_len - 1:
-                BLOCK_MASKS[(seq_len, w)] = band_block_mask(seq_len, w, device)
-    return f"attention: PyTorch SDPA (sliding windows: {'flex_attention' if BLOCK_MASKS else 'masked SDPA'}); {reason}"
-
-
-def in_band(q, k, window):
-    """Whether query position q sees key position k: itself and the `window` tokens before it."""
-    return (q >= k) & (q - k <= window)
-
-
-def band_block_mask(seq_len, window, device):
-    """The band as a flex_attention BlockMask."""
-    return create_block_mask(lambda b, h, q, k: in_band(q, k, window), None, None, seq_len, seq_len, device=device)
-
-
-def band_attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
-    """PyTorch attention, same semantics as FA3's window_size=(window, 0): a query sees itself and
-    the `window` tokens before it."""
-    T = q.size(1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    gqa = q.size(1) != k.size(1)
-    if window >= T - 1:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif torch.compiler.is_compiling() and (T, window) in BLOCK_MASKS:
-        y = flex_attention(q, k, v, block_mask=BLOCK_MASKS[(T, window)], enable_gqa=gqa)
-    else:
-        i = torch.arange(T, device=q.device)
-        band = in_band(i[:, None], i[None, :], window)  # (T, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=gqa)
-    return y.transpose(1, 2)
-
-
-def attention(q, k, v, window):  # (B, T, H, D) -> (B, T, H, D)
-    if FLASH_ATTN is not None:
-        y = FLASH_ATTN.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-        return y[0] if isinstance(y, tuple) else y
-    return band_attention(q, k, v, window)
-
-
-PEAK_BF16_FLOPS = [  # dense bf16 tensor-core FLOP/s by device-name substring; first match wins
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200 NVL", 835e12), ("H200", 989.5e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
-]
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of this GPU, or 0 when unknown (then MFU is reported as n/a)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), 0.0)
-
 
 # ---------------------------------------------------------------------------------------------
 # Model (edit freely)
@@ -125,14 +45,34 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):  # x (B, T, H, D); cos, sin (1, T, 1, D/2)
-    # the halves (x1, x2) of each head become (x1 cos + x2 sin, x2 cos - x1 sin), written as one
-    # multiply-add with the halves swapped by a roll: compiled, faster than a torch.cat of the halves
+    # halves (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin), as one multiply-add with a roll (faster than cat)
     cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
     return x * cos + x.roll(x.size(-1) // 2, -1) * sin
 
 
 def has_value_embedding(layer_idx, n_layer):
     return layer_idx % 2 == (n_layer - 1) % 2  # alternating layers, the last one included
+
+
+class CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy per token, logits (B, T, V), targets (B, T) -> (B, T), for the compiler: the
+    forward reads the logits once (a log-sum-exp of each of 8 pieces of the vocabulary, in registers);
+    the backward, softmax - one_hot, is one elementwise kernel that writes over the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        pieces = logits.unflatten(-1, (math.gcd(logits.size(-1), 8), -1))  # (B, T, P, V/P)
+        piece_max = pieces.amax(-1)  # (B, T, P)
+        piece_lse = piece_max + torch.log(torch.exp(pieces - piece_max[..., None]).sum(-1))  # (B, T, P)
+        lse = torch.logsumexp(piece_lse, -1)  # (B, T)
+        ctx.save_for_backward(logits, lse, targets)
+        return lse - logits.gather(-1, targets[..., None]).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, T)
+        logits, lse, targets = ctx.saved_tensors
+        is_target = torch.arange(logits.size(-1), device=logits.device) == targets[..., None]  # (B, T, V)
+        return (torch.exp(logits - lse[..., None]) - is_target.float()) * grad[..., None], None
 
 
 class CausalSelfAttention(nn.Module):
@@ -220,10 +160,9 @@ class GPT(nn.Module):
         for block in self.blocks:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -s, s)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            for lin in (block.attn.c_proj, block.mlp.c_proj, block.attn.ve_gate):
+                if lin is not None:
+                    nn.init.zeros_(lin.weight)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
         self.resid_lambdas.fill_(1.0)
@@ -240,15 +179,10 @@ class GPT(nn.Module):
             self.cos.data, self.sin.data = self.cos.bfloat16(), self.sin.bfloat16()
 
     def param_counts(self):
-        count = lambda params: sum(p.numel() for p in params)
-        return {
-            "wte": count(self.wte.parameters()),
-            "value_embeds": count(self.value_embeds.parameters()),
-            "lm_head": count(self.lm_head.parameters()),
-            "transformer_matrices": count(self.blocks.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
-            "total": count(self.parameters()),
-        }
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        return {"wte": count(self.wte), "value_embeds": count(self.value_embeds), "lm_head": count(self.lm_head),
+                "transformer_matrices": count(self.blocks), "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+                "total": count(self)}
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
@@ -258,16 +192,7 @@ class GPT(nn.Module):
         attn = sum(12 * self.config.n_head * head_dim * min(w + 1, self.config.sequence_len) for w in self.windows)
         return 6 * matmul_params + attn
 
-    def forward(self, idx, targets=None, reduction="mean"):  # idx (B, T) -> logits (B, T, V), or a loss
-        if targets is None:
-            return self.logits(idx)
-        with torch.enable_grad():  # even under no_grad: evaluation reuses the compiled training graph
-            loss, token_losses = self.losses(idx, targets)
-        if reduction == "none":
-            return token_losses  # (B*T,), without gradient
-        return loss if torch.is_grad_enabled() else loss.detach()
-
-    def logits(self, idx):  # idx (B, T) -> soft-capped logits (B, T, V), fp32
+    def forward(self, idx, targets=None):  # idx (B, T) -> logits (B, T, V), or the mean loss given targets (B, T)
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = x0 = norm(self.wte(idx))  # (B, T, C)
@@ -275,20 +200,8 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin)
         logits = self.lm_head(norm(x)).float()
-        return 15 * torch.tanh(logits / 15)  # soft cap
-
-    def losses(self, idx, targets):  # -> mean loss (to train on), per-token losses (B*T,) (to evaluate)
-        logits = self.logits(idx)  # (B, T, V); flattened here, the compiled backward would take 4 GB more
-        # cross entropy = log(sum(exp(logits))) - logits[target]. The soft cap keeps exp(logits) within
-        # [e^-15, e^15], so no max is subtracted first; a mask (not a gather) picks the target, so the
-        # backward is elementwise: compiled, one kernel, the gradient written over the logits. Both sums
-        # run over 8 pieces of the vocabulary, then over the pieces: compiled, a piece of 1024 fits in
-        # registers, and the forward kernel runs faster than one loop over the whole vocabulary
-        is_target = torch.arange(logits.size(-1), device=logits.device) == targets[..., None]  # (B, T, V)
-        pieces = math.gcd(logits.size(-1), 8)
-        vocab_sum = lambda t: t.unflatten(-1, (pieces, -1)).sum(-1).sum(-1)  # (B, T, V) -> (B, T)
-        losses = (torch.log(vocab_sum(torch.exp(logits))) - vocab_sum(torch.where(is_target, logits, 0))).view(-1)
-        return losses.mean(), losses.detach()
+        logits = 15 * torch.tanh(logits / 15)  # soft cap
+        return logits if targets is None else CrossEntropy.apply(logits, targets).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +220,7 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps
     p.mul_(1 - lr_t * wd_t)
     exp_avg.lerp_(grad, 1 - beta1_t)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
-    bias1 = 1 - beta1_t ** step_t
-    bias2 = 1 - beta2_t ** step_t
+    bias1, bias2 = 1 - beta1_t ** step_t, 1 - beta2_t ** step_t
     p.add_(-(lr_t / bias1) * exp_avg / ((exp_avg_sq / bias2).sqrt() + eps_t))
 
 
@@ -326,8 +238,7 @@ def orthogonalize(g):  # (N, rows, cols): Polar Express iterations toward the ne
 
 
 def muon_step(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, wd_t, beta2_t):
-    # Nesterov momentum
-    momentum = momentum_t.to(grads.dtype)
+    momentum = momentum_t.to(grads.dtype)  # Nesterov momentum
     momentum_buf.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buf, momentum)
     g = orthogonalize(g)
@@ -346,7 +257,8 @@ def muon_step(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t, 
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-def optimizer_steps(adamw_updates, muon_updates):  # every update in one call: compiled as one graph
+@compiled(fullgraph=True)
+def optimizer_steps(adamw_updates, muon_updates):  # every update in one call, compiled as one graph
     for args in adamw_updates:
         adamw_step(*args)
     for args in muon_updates:
@@ -362,6 +274,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.num_steps = 0
         for group in self.param_groups:  # hyperparameters as 0-d CPU tensors: changing them never recompiles
             group["t"] = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
+            group["initial_lr"] = group["lr"]  # the schedule multiplies this
 
     @torch.no_grad()
     def step(self):
@@ -395,7 +308,8 @@ class MuonAdamW(torch.optim.Optimizer):
                              state["second_moment_buffer"], t["momentum"], t["lr"], t["wd"], t["beta2"]))
         optimizer_steps(adamw, muon)
         for params, stacked in stacks:
-            torch._foreach_copy_(params, list(stacked.unbind(0)))
+            for p, updated in zip(params, stacked.unbind(0)):
+                p.copy_(updated)
 
 
 def build_optimizer(model):
@@ -412,10 +326,7 @@ def build_optimizer(model):
     for shape in sorted({p.shape for p in matrices}):
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=MATRIX_LR,
                            momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
-    optimizer = MuonAdamW(groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    return optimizer
+    return MuonAdamW(groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,8 +359,7 @@ def lr_multiplier(progress):  # progress = counted training seconds / TIME_BUDGE
 
 
 def muon_momentum(step):  # warmed from 0.85 to 0.95 over the first 300 steps
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+    return 0.85 + 0.10 * min(step / 300, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +369,6 @@ torch.manual_seed(42)
 device = default_device()
 is_cuda = device.type == "cuda"
 if is_cuda:
-    torch.cuda.manual_seed(42)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 # bf16 autocast on CUDA only: on CPU it makes backward hundreds of times slower
@@ -480,14 +389,10 @@ model.to_empty(device=device)
 model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
-if is_cuda:  # two compiled graphs: the model's losses (forward and backward) and the optimizer step
-    torch._inductor.config.triton.autotune_pointwise = False  # no launch-config benchmarks: 5 s less cold compile
-    model.losses = torch.compile(model.losses, dynamic=False)
-    optimizer_steps = torch.compile(optimizer_steps, dynamic=False, fullgraph=True)
+model = compiled(model)  # on CUDA the training step (forward, loss, backward) is one compiled graph
 
 counts = model.param_counts()
 flops_per_token = model.flops_per_token()
-peak = peak_flops(device)
 print(f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if is_cuda else ''}")
 print(attention_line)
 print(f"config: {config}")
@@ -504,13 +409,6 @@ t_loop = time.time()
 print(f"startup: {t_loop - t_start:.1f}s", flush=True)
 interactive = sys.stdout.isatty()
 step, training_time, smooth_loss, last_print = 0, 0.0, 0.0, 0.0
-
-
-def check_loss(loss):
-    if not math.isfinite(loss) or loss > 100:
-        print(f"\nFAIL: training diverged (loss {loss}) at step {step}")
-        sys.exit(1)
-
 
 while True:
     t0 = time.time()
@@ -530,14 +428,14 @@ while True:
     model.zero_grad(set_to_none=True)
 
     last_loss = loss.item()  # waits for the GPU to finish this step (all of it queued by now)
-    check_loss(last_loss)
+    if not math.isfinite(last_loss) or last_loss > 100:
+        print(f"\nFAIL: training diverged (loss {last_loss}) at step {step}")
+        sys.exit(1)
     smooth_loss = 0.9 * smooth_loss + 0.1 * last_loss
     if step == 0:
         gc.collect()  # everything allocated so far lives for the whole run
         gc.freeze()
         gc.disable()
-        if is_cuda:  # compiled: stop the compiler's worker processes (GBs of RAM) now, in the background
-            threading.Thread(target=torch._inductor.async_compile.shutdown_compile_workers).start()
     dt = time.time() - t0
     if step >= UNCOUNTED_STEPS:
         training_time += dt
@@ -549,9 +447,10 @@ while True:
     if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = TOTAL_BATCH_SIZE / dt
-        mfu = f"{100 * flops_per_token * tok_per_sec / peak:.1f}%" if peak else "n/a"
+        mfu = mfu_percent(flops_per_token * tok_per_sec, device)
         line = (f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {1000 * dt:.0f}ms"
-                f" | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu} | epoch: {epoch} | remaining: {max(TIME_BUDGET - training_time, 0):.0f}s")
+                f" | tok/sec: {tok_per_sec:,.0f} | mfu: {'n/a' if mfu is None else f'{mfu:.1f}%'} | epoch: {epoch}"
+                f" | remaining: {max(TIME_BUDGET - training_time, 0):.0f}s")
         print(f"\r{line}   " if interactive else line, end="" if interactive else "\n", flush=True)
         last_print = now
     if step > UNCOUNTED_STEPS and training_time >= TIME_BUDGET:
@@ -564,20 +463,17 @@ if interactive:
 # Final evaluation and summary
 
 t_eval = time.time()
-with torch.compiler.set_stance("eager_on_recompile"), autocast:  # the training graph; never a recompilation
+with autocast:
     val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 print(f"evaluation: {time.time() - t_eval:.1f}s")
-counted_steps = step - UNCOUNTED_STEPS
-tokens = step * TOTAL_BATCH_SIZE
-mfu_percent = 100 * flops_per_token * counted_steps * TOTAL_BATCH_SIZE / training_time / peak if peak else 0.0
-peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if is_cuda else 0.0
+mfu = mfu_percent(flops_per_token * (step - UNCOUNTED_STEPS) * TOTAL_BATCH_SIZE / training_time, device) or 0.0
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")
 print(f"training_seconds: {training_time:.1f}")
 print(f"total_seconds:    {time.time() - t_start:.1f}")
-print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-print(f"mfu_percent:      {mfu_percent:.2f}")
-print(f"total_tokens_M:   {tokens / 1e6:.1f}")
+print(f"peak_vram_mb:     {peak_memory_mb(device):.1f}")
+print(f"mfu_percent:      {mfu:.2f}")
+print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
 print(f"num_steps:        {step}")
 print(f"num_params_M:     {counts['total'] / 1e6:.1f}")
 print(f"depth:            {DEPTH}")

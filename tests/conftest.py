@@ -72,3 +72,38 @@ def toy_cache():
 @pytest.fixture(scope="session")
 def tokenizer(toy_cache):
     return prepare.Tokenizer.from_directory()
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's definitions, without running it
+
+TRAIN = os.path.join(ROOT, "train.py")
+SETUP_BANNER = "\n# Setup\n"
+TINY = dict(sequence_len=32, vocab_size=96, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
+
+
+@pytest.fixture(scope="session")
+def ns():
+    """train.py's definitions (everything above its '# Setup' banner: model, optimizer,
+    hyperparameters, schedules), executed once into a dict."""
+    with open(TRAIN) as f:
+        source = f.read()
+    assert source.count(SETUP_BANNER) == 1, "train.py's '# Setup' banner moved: update this fixture"
+    namespace = {"__name__": "train_under_test"}
+    exec(compile(source[: source.index(SETUP_BANNER)], TRAIN, "exec"), namespace)
+    return namespace
+
+
+def tiny_model(ns, seed=0, **overrides):
+    import torch
+    torch.manual_seed(seed)
+    model = ns["GPT"](ns["GPTConfig"](**{**TINY, **overrides}))
+    model.init_weights()
+    return model
+
+
+def random_grads(model, seed):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prepare
 from conftest import ROOT, make_docs, write_shard
@@ -838,59 +839,93 @@ def test_pack_rows_refills_whole_batches_as_the_recipe(monkeypatch):
 # evaluate_bpb
 
 
-class FixedLossModel(torch.nn.Module):
-    """Per-token loss from a rule; records the batch shapes it was called with."""
+class LogitsModel(torch.nn.Module):
+    """Logits (B, T, V) that depend on the input tokens: a fixed random table looked up by token.
+    `extra` is added to the training loss only, as an agent's z-loss or label smoothing would be.
+    Records the batch shapes it was called with."""
 
-    def __init__(self, rule):
+    def __init__(self, vocab_size, extra=None, scale=3.0):
         super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.rule = rule
+        gen = torch.Generator().manual_seed(1)
+        self.table = torch.nn.Parameter(torch.randn(vocab_size, vocab_size, generator=gen) * scale)
+        self.extra = extra
         self.shapes = []
 
-    def forward(self, x, y, reduction="mean"):
-        assert reduction == "none"
-        self.shapes.append((tuple(x.shape), tuple(y.shape)))
-        return self.rule(y).reshape(-1)
+    def forward(self, x, targets=None):
+        self.shapes.append(tuple(x.shape))
+        logits = self.table[x]
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return loss + self.extra(logits) if self.extra is not None else loss
 
 
 @pytest.fixture
 def small_eval(monkeypatch, toy_cache, tokenizer):
-    """MAX_SEQ_LEN=64, 21 evaluation rows; returns the first 21 rows' targets and token_bytes."""
+    """MAX_SEQ_LEN=64, 21 evaluation rows; returns the first 21 rows' inputs and targets, and token_bytes."""
     T, rows = 64, 21
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", T * rows + 17)  # a remainder is not a row
     loader = prepare.make_dataloader(tokenizer, rows, T, "val", device="cpu")
-    _, y, _ = next(loader)
+    x, y, _ = next(loader)
     loader.close()
-    token_bytes = torch.from_numpy(np.load(os.path.join(toy_cache, "tokenizer", "token_bytes.npy"),
-                                           allow_pickle=False).astype(np.int64))
-    return y, token_bytes
+    return x, y, prepare.get_token_bytes()
+
+
+def expected_bpb(logits, y, token_bytes):
+    """By hand, in float64: nats of the targets with bytes over ln 2 x their bytes."""
+    nats = -torch.log_softmax(logits.double(), -1).gather(-1, y[..., None]).squeeze(-1)
+    b = token_bytes[y]
+    return float(torch.where(b > 0, nats, 0.0).sum()) / (math.log(2) * int(b.sum()))
 
 
 def test_evaluate_bpb_uniform_model(small_eval, tokenizer):
-    y, token_bytes = small_eval
+    x, y, token_bytes = small_eval
     V = tokenizer.get_vocab_size()
     b = token_bytes[y]
     scored_tokens, scored_bytes = int((b > 0).sum()), int(b.sum())
     assert 0 < scored_tokens < y.numel()  # BOS targets exist and are not scored
-    model = FixedLossModel(lambda t: torch.full(t.shape, math.log(V)))
+    model = LogitsModel(V, scale=0.0)  # all logits 0: log V nats a token
     bpb = prepare.evaluate_bpb(model, tokenizer, 4)
     assert bpb == pytest.approx(math.log2(V) * scored_tokens / scored_bytes, rel=1e-6)
 
 
 def test_evaluate_bpb_same_tokens_for_any_batch_size(small_eval, tokenizer):
-    y, token_bytes = small_eval
-    b = token_bytes[y]
-    rule = lambda t: ((t % 7) + 1).float()  # noqa: E731 - small integers: float sums are exact
-    expected = float(torch.where(b > 0, rule(y), 0.0).sum()) / (math.log(2) * int(b.sum()))
+    x, y, token_bytes = small_eval
+    model = LogitsModel(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        expected = expected_bpb(model(x), y, token_bytes)
     results = {}
     for batch_size in (4, 8, 21, 5, 1, 30):
-        model = FixedLossModel(rule)
+        model.shapes.clear()
         results[batch_size] = prepare.evaluate_bpb(model, tokenizer, batch_size)
-        assert set(model.shapes) == {((batch_size, 64), (batch_size, 64))}
+        assert set(model.shapes) == {(batch_size, 64)}
         assert len(model.shapes) == math.ceil(21 / batch_size)
-    assert len(set(results.values())) == 1, results
-    assert results[4] == pytest.approx(expected, rel=1e-12)
+    for batch_size, bpb in results.items():
+        assert bpb == pytest.approx(expected, rel=1e-6), batch_size
+
+
+def test_evaluate_bpb_is_the_harness_own_cross_entropy(small_eval, tokenizer):
+    """Two models with the same logits and different training losses (plain, with a z-loss, with
+    label smoothing) score the same val_bpb: the metric never reads the training loss. Scoring the
+    logits a row at a time (as memory may need) gives the same value."""
+    x, y, token_bytes = small_eval
+    V = tokenizer.get_vocab_size()
+    z_loss = lambda logits: 1e-2 * torch.logsumexp(logits, -1).square().mean()  # noqa: E731
+    smoothing = lambda logits: 0.1 * -torch.log_softmax(logits, -1).mean()  # noqa: E731
+    models = [LogitsModel(V), LogitsModel(V, extra=z_loss), LogitsModel(V, extra=smoothing)]
+    with torch.no_grad():
+        assert len({float(m(x, y)) for m in models}) == 3, "the training losses should differ"
+        expected = expected_bpb(models[0](x), y, token_bytes)
+    scores = [prepare.evaluate_bpb(m, tokenizer, 8) for m in models]
+    assert scores[0] == scores[1] == scores[2], scores
+    assert scores[0] == pytest.approx(expected, rel=1e-6)
+    prepare_piece = prepare.EVAL_PIECE
+    try:
+        prepare.EVAL_PIECE = 1  # one row of logits at a time
+        assert prepare.evaluate_bpb(models[0], tokenizer, 8) == pytest.approx(scores[0], rel=1e-6)
+    finally:
+        prepare.EVAL_PIECE = prepare_piece
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""train.py, piece by piece and whole.
+"""train.py's contract with the harness and its building blocks, tested so that the tests still
+pass on a train.py changed the way an agent changes it (another DEPTH, other learning rates or
+schedule, another activation, another window pattern, no soft cap): the model returns logits or a
+loss, every parameter learns, the optimizer's updates are right, and whole toy-size runs print the
+summary block program.md reads. The baseline's values are pinned apart, in test_recipe.py.
 
 The functions are tested without running the training loop: the part of train.py above its
-"# Setup" banner (platform plumbing, model, optimizer, hyperparameters, schedules) is executed
-into a namespace, so every constant is the real one. The loop itself is tested by running toy-size
-copies of train.py as subprocesses, edited the way an agent would edit them."""
+"# Setup" banner is executed into a namespace (conftest's `ns`). The loop itself is tested by
+running toy-size copies of train.py as subprocesses."""
 
 import ast
 import math
@@ -18,171 +21,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, random_grads, tiny_model
 
 from test_program import SUMMARY, check_summary, make_toy_repo, rewrite_constants, toy_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-SETUP_BANNER = "\n# Setup\n"
-
-
-@pytest.fixture(scope="module")
-def ns():
-    """train.py's definitions (everything above '# Setup'), executed once into a dict."""
-    with open(TRAIN) as f:
-        source = f.read()
-    assert source.count(SETUP_BANNER) == 1, "train.py's '# Setup' banner moved: update this fixture"
-    namespace = {"__name__": "train_under_test"}
-    exec(compile(source[: source.index(SETUP_BANNER)], TRAIN, "exec"), namespace)
-    assert namespace["FLASH_ATTN"] is None
-    return namespace
-
-
-TINY = dict(sequence_len=32, vocab_size=96, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
-
-
-def tiny_model(ns, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = ns["GPT"](ns["GPTConfig"](**{**TINY, **overrides}))
-    model.init_weights()
-    return model
-
-
-def random_grads(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention: the PyTorch fallback has Flash Attention's window semantics
-
-
-def reference_attention(q, k, v, window):
-    """Naive attention: query i sees keys max(0, i - window) .. i; GQA by repeating kv heads."""
-    B, T, H, D = q.shape
-    rep = H // k.size(2)
-    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    band = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        band[i, max(0, i - window): i + 1] = True
-    scores = (q @ k.transpose(-2, -1)) * D ** -0.5
-    scores = scores.masked_fill(~band, float("-inf"))
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
-
-
-def check_against_reference(attention_fn, B, T, H, H_kv, window):
-    """attention_fn(q, k, v, window) equals the naive reference in float64, outputs and gradients.
-    Returns the output and v."""
-    gen = torch.Generator().manual_seed(T + H_kv + window)
-    D = 16
-    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, T, H_kv, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
-
-    y = attention_fn(q, k, v, window)
-    y_ref = reference_attention(q, k, v, window)
-    assert y.shape == (B, T, H, D)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    grads = torch.autograd.grad((y * upstream).sum(), (q, k, v))
-    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (q, k, v))
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
-    return y.detach(), v.detach()
-
-
-@pytest.mark.parametrize("T, H, H_kv, window", [
-    (64, 4, 4, 63),    # full: window = T - 1
-    (64, 4, 4, 2048),  # full: window > T (an 'L' layer with a shorter batch)
-    (64, 4, 4, 62),    # sliding window one short of full: only query 63 loses key 0
-    (64, 4, 4, 16),    # sliding window
-    (64, 4, 4, 0),     # the token itself only
-    (64, 4, 2, 16),    # GQA, windowed
-    (64, 4, 1, 63),    # GQA (multi-query), full
-    (64, 4, 2, 0),     # GQA, the token itself only
-])
-def test_band_attention_matches_naive_reference(ns, T, H, H_kv, window):
-    y, v = check_against_reference(ns["band_attention"], 2, T, H, H_kv, window)
-    if window == 0:  # each query sees only itself: the output is its own value vector
-        torch.testing.assert_close(y, v.repeat_interleave(H // H_kv, dim=2), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("T, H, H_kv, window", [
-    (384, 4, 4, 200),  # three 128-token blocks: full, partial and empty blocks in the mask
-    (384, 4, 4, 128),  # the band's edge on a block boundary
-    (384, 4, 2, 129),  # GQA
-    (384, 2, 2, 0),    # the token itself only
-])
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_path_matches_naive_reference(ns, monkeypatch, T, H, H_kv, window):
-    """Compiled on CUDA, sliding windows run as flex_attention with band_block_mask. Run eagerly
-    here, that path must give the band of Flash Attention's window_size=(window, 0). (Its gradients
-    are checked on CPU with the pinned torch 2.9.1; torch 2.11's flex_attention has no CPU backward.)"""
-    monkeypatch.setitem(ns["BLOCK_MASKS"], (T, window), ns["band_block_mask"](T, window, "cpu"))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    routed = []
-    real_flex = ns["flex_attention"]
-    monkeypatch.setitem(ns, "flex_attention", lambda *a, **kw: routed.append(1) or real_flex(*a, **kw))
-    check_against_reference(ns["band_attention"], 1, T, H, H_kv, window)
-    assert routed == [1], "band_attention did not take the flex_attention path"
-
-
-def test_attention_without_flash_routes_to_band_attention(ns, monkeypatch):
-    calls = []
-    real = ns["band_attention"]
-
-    def spy(q, k, v, window):
-        calls.append(window)
-        return real(q, k, v, window)
-
-    monkeypatch.setitem(ns, "band_attention", spy)
-    monkeypatch.setitem(ns, "FLASH_ATTN", None)
-    q = torch.randn(1, 16, 2, 8)
-    y = ns["attention"](q, q, q, 5)
-    assert calls == [5]
-    torch.testing.assert_close(y, reference_attention(q, q, q, 5))
-
-
-def test_attention_with_flash_calls_it_with_causal_window(ns, monkeypatch):
-    calls = []
-
-    class FakeFlash:
-        @staticmethod
-        def flash_attn_func(q, k, v, causal, window_size):
-            calls.append((causal, window_size))
-            return torch.zeros_like(q), None  # FA3's interface may return (out, lse)
-
-    monkeypatch.setitem(ns, "FLASH_ATTN", FakeFlash)
-    q = torch.randn(1, 16, 2, 8)
-    y = ns["attention"](q, q, q, 7)
-    assert calls == [(True, (7, 0))]
-    assert torch.equal(y, torch.zeros_like(q))
-
-
-def test_setup_attention_on_cpu_says_pytorch_and_why(ns):
-    line = ns["setup_attention"](torch.device("cpu"), 64, [32, 32, 64])
-    assert "\n" not in line and line.startswith("attention:"), line
-    assert "PyTorch" in line and "no CUDA" in line, line
-    assert ns["FLASH_ATTN"] is None
-
-
-@pytest.mark.parametrize("capability, repo", [((9, 0), "varunneal/flash-attention-3"),
-                                              ((8, 9), "kernels-community/flash-attn3")])
-def test_setup_attention_on_cuda_without_fa3_falls_back_with_block_masks(ns, monkeypatch, capability, repo):
-    """On CUDA without the kernels package: PyTorch attention, a BlockMask for each sliding window
-    (none for full layers), and a line naming the FA3 build it tried and why it failed."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setitem(sys.modules, "kernels", None)  # `from kernels import ...` fails
-    made = []
-    monkeypatch.setitem(ns, "band_block_mask", lambda seq_len, window, device: made.append((seq_len, window)) or window)
-    monkeypatch.setitem(ns, "BLOCK_MASKS", {})
-    line = ns["setup_attention"](torch.device("cuda"), 64, [32, 32, 63, 16, 64])
-    assert sorted(made) == [(64, 16), (64, 32)]
-    assert ns["BLOCK_MASKS"] == {(64, 16): 16, (64, 32): 32} and ns["FLASH_ATTN"] is None
-    assert line.startswith("attention: PyTorch SDPA (sliding windows: flex_attention); ") and "\n" not in line, line
-    assert f"FA3 from {repo} unavailable: ModuleNotFoundError" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +37,7 @@ def well_conditioned(n, rows, cols, cond, gen):
     V, _ = torch.linalg.qr(torch.randn(n, cols, k, generator=gen))
     s = torch.logspace(0, -math.log10(cond), k)
     return U @ torch.diag_embed(s.expand(n, k)) @ V.mT
+
 
 
 # 5 Polar Express steps in bf16 land every singular value in about [0.855, 1.145] for inputs with
@@ -214,6 +56,7 @@ def test_orthogonalize_random_rectangular(ns, shape):
     assert SV_LOW <= sv.min() and sv.max() <= SV_HIGH, (sv.min().item(), sv.max().item())
 
 
+
 @pytest.mark.parametrize("shape", [(4, 64, 64), (4, 128, 64), (4, 64, 128)], ids=["square", "tall", "wide"])
 def test_orthogonalize_condition_100(ns, shape):
     g = well_conditioned(*shape, cond=100, gen=torch.Generator().manual_seed(1)) * 0.01
@@ -221,6 +64,7 @@ def test_orthogonalize_condition_100(ns, shape):
     assert X.shape == g.shape and torch.isfinite(X).all()
     sv = torch.linalg.svdvals(X.float())
     assert SV_LOW <= sv.min() and sv.max() <= SV_HIGH, (sv.min().item(), sv.max().item())
+
 
 
 def test_orthogonalize_random_square(ns):
@@ -236,64 +80,9 @@ def test_orthogonalize_random_square(ns):
     assert (sv.square() - 1).abs().median() < 0.2
 
 
-def test_polar_express_coefficients_are_the_spec_ones(ns):
-    assert ns["POLAR_EXPRESS_COEFFS"] == [
-        (8.156554524902461, -22.48329292557795, 15.878769915207462),
-        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-    ]
-
 
 # ---------------------------------------------------------------------------------------------
-# The optimizer: groups, the AdamW path against torch.optim.AdamW, the Muon path
-
-
-def test_baseline_hyperparameters_match_spec(ns):
-    assert (ns["EMBEDDING_LR"], ns["UNEMBEDDING_LR"], ns["MATRIX_LR"], ns["SCALAR_LR"]) == (0.6, 0.004, 0.04, 0.5)
-    assert ns["WEIGHT_DECAY"] == 0.2 and tuple(ns["ADAM_BETAS"]) == (0.8, 0.95)
-    assert (ns["WARMUP_RATIO"], ns["WARMDOWN_RATIO"], ns["FINAL_LR_FRAC"]) == (0.0, 0.5, 0.0)
-    assert (ns["DEPTH"], ns["ASPECT_RATIO"], ns["HEAD_DIM"], ns["WINDOW_PATTERN"]) == (8, 64, 128, "SSSL")
-    assert (ns["TOTAL_BATCH_SIZE"], ns["DEVICE_BATCH_SIZE"]) == (2**19, 128)
-
-
-def test_optimizer_groups(ns):
-    model = tiny_model(ns)
-    opt = ns["build_optimizer"](model)
-    scale = (TINY["n_embd"] / 768) ** -0.5
-    groups = opt.param_groups
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)), "a parameter is in two groups"
-    assert set(ids) == {id(p) for p in model.parameters()}, "every parameter is optimized, once"
-    group_of = {id(p): g for g in groups for p in g["params"]}
-
-    # Muon: every matrix inside the blocks, one group per shape
-    muon = [g for g in groups if g["kind"] == "muon"]
-    block_params = list(model.blocks.parameters())
-    assert all(p.ndim == 2 and group_of[id(p)]["kind"] == "muon" for p in block_params)
-    assert sum(len(g["params"]) for g in muon) == len(block_params)
-    shapes = [g["params"][0].shape for g in muon]
-    assert len(set(shapes)) == len(shapes), "one group per shape"
-    assert set(shapes) == {p.shape for p in block_params}
-    for g in muon:
-        assert all(p.shape == g["params"][0].shape for p in g["params"])
-        assert g["lr"] == g["initial_lr"] == ns["MATRIX_LR"] and g["weight_decay"] == ns["WEIGHT_DECAY"]
-        assert g["beta2"] == 0.95
-
-    # AdamW: embeddings, unembedding and scalars with the SPEC's learning rates
-    expected = [(model.lm_head.weight, ns["UNEMBEDDING_LR"] * scale, ns["ADAM_BETAS"]),
-                (model.wte.weight, ns["EMBEDDING_LR"] * scale, ns["ADAM_BETAS"]),
-                (model.resid_lambdas, ns["SCALAR_LR"] * 0.01, ns["ADAM_BETAS"]),
-                (model.x0_lambdas, ns["SCALAR_LR"], (0.96, 0.95))]
-    expected += [(ve.weight, ns["EMBEDDING_LR"] * scale, ns["ADAM_BETAS"]) for ve in model.value_embeds.values()]
-    assert len(model.value_embeds) == 2
-    for p, lr, betas in expected:
-        g = group_of[id(p)]
-        assert g["kind"] == "adamw"
-        assert g["lr"] == pytest.approx(lr, rel=1e-12) and g["initial_lr"] == g["lr"]
-        assert tuple(g["betas"]) == tuple(betas) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups if g["kind"] == "adamw") == len(expected)
+# The optimizer's updates: the AdamW path against torch.optim.AdamW, the Muon path
 
 
 def test_adamw_path_matches_torch_adamw(ns):
@@ -321,6 +110,7 @@ def test_adamw_path_matches_torch_adamw(ns):
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-6 * max(p0.abs().max().item(), moved))
 
 
+
 def test_adamw_step_decoupled_weight_decay(ns):
     gen = torch.Generator().manual_seed(3)
     p = torch.randn(40, 24, generator=gen)
@@ -339,6 +129,7 @@ def test_adamw_step_decoupled_weight_decay(ns):
         ref.step()
     torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-6)
     assert (p - p_nowd).abs().max() > 1e-2, "weight decay had no effect"
+
 
 
 def test_muon_step_updates_matrices_with_scaled_lr(ns):
@@ -373,6 +164,7 @@ def test_muon_step_updates_matrices_with_scaled_lr(ns):
     assert any(r > c for r, c in shapes) and any(r < c for r, c in shapes), "tiny model should have tall and wide"
 
 
+
 def test_muon_second_moment_is_an_ema_of_the_update_mean_square(ns):
     gen = torch.Generator().manual_seed(5)
     N, rows, cols, momentum, beta2 = 2, 48, 16, 0.9, 0.95
@@ -385,6 +177,7 @@ def test_muon_second_moment_is_an_ema_of_the_update_mean_square(ns):
     ns["muon_step"](grads.clone(), params, momentum_buf, second_moment, torch.tensor(momentum),
                     torch.tensor(0.01), torch.tensor(0.0), torch.tensor(beta2))
     torch.testing.assert_close(second_moment, (1 - beta2) * o.square().mean(dim=-1, keepdim=True), rtol=1e-5, atol=0)
+
 
 
 def test_muon_cautious_weight_decay(ns):
@@ -409,199 +202,25 @@ def test_muon_cautious_weight_decay(ns):
     assert 0.2 < decayed.float().mean() < 0.8, "cautious decay should apply to a part of the entries"
 
 
+
 # ---------------------------------------------------------------------------------------------
-# The model
+# The model's side of the contract: logits for the metric, a loss to train on, gradients everywhere
 
 
-def test_default_model_size_and_layout(ns):
-    n_embd = -(-ns["DEPTH"] * ns["ASPECT_RATIO"] // ns["HEAD_DIM"]) * ns["HEAD_DIM"]
-    assert (n_embd, n_embd // ns["HEAD_DIM"]) == (512, 4)
-    config = ns["GPTConfig"](sequence_len=2048, vocab_size=8192, n_layer=ns["DEPTH"], n_head=4, n_kv_head=4,
-                             n_embd=n_embd, window_pattern=ns["WINDOW_PATTERN"])
-    assert config == ns["GPTConfig"]()  # the dataclass defaults are the baseline
-    with torch.device("meta"):
-        model = ns["GPT"](config)
-    assert model.param_counts() == {"wte": 4_194_304, "value_embeds": 16_777_216, "lm_head": 4_194_304,
-                                    "transformer_matrices": 25_166_336, "scalars": 16, "total": 50_332_176}
-    assert model.windows == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
-    assert sorted(int(k) for k in model.value_embeds) == [1, 3, 5, 7]
-    assert [b.attn.ve_gate is not None for b in model.blocks] == [i % 2 == 1 for i in range(8)]
-    # MFU's numerator: 6 x the matmul parameters (blocks and lm_head) + attention's 12 x heads x
-    # head_dim x keys seen a query, for six windows of 1024 (each query sees 1025 keys) and two full layers
-    matmul_params = 25_166_336 + 4_194_304
-    assert model.flops_per_token() == 6 * matmul_params + 12 * 4 * 128 * (6 * 1025 + 2 * 2048) == 239_115_264
-
-
-@pytest.mark.parametrize("n_layer, pattern", [(1, "S"), (3, "S"), (4, "SSSL"), (5, "SSSL"), (6, "LS"), (7, "ssl")])
-def test_window_sizes_last_layer_full(ns, n_layer, pattern):
-    config = ns["GPTConfig"](sequence_len=256, n_layer=n_layer, window_pattern=pattern)
-    windows = ns["GPT"].window_sizes(config)
-    expected = [{"S": 128, "L": 256}[c] for c in (pattern.upper() * n_layer)[:n_layer]]
-    expected[-1] = 256
-    assert windows == expected
-    # value embeddings on alternating layers, the last one included
-    assert [ns["has_value_embedding"](i, n_layer) for i in range(n_layer)] == \
-        [(n_layer - 1 - i) % 2 == 0 for i in range(n_layer)]
-
-
-def test_init_weights(ns):
-    model = tiny_model(ns, vocab_size=512)
-    s = 3 ** 0.5 * TINY["n_embd"] ** -0.5
-    for block in model.blocks:
-        assert (block.attn.c_proj.weight == 0).all() and (block.mlp.c_proj.weight == 0).all()
-        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-            w = lin.weight
-            assert w.abs().max() <= s and w.abs().max() > 0.9 * s and w.std().item() == pytest.approx(s / 3 ** 0.5, rel=0.1)
-        if block.attn.ve_gate is not None:
-            assert (block.attn.ve_gate.weight == 0).all()
-    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
-    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
-    for ve in model.value_embeds.values():
-        assert ve.weight.abs().max() <= s and ve.weight.std().item() == pytest.approx(s / 3 ** 0.5, rel=0.1)
-    assert (model.resid_lambdas == 1.0).all() and (model.x0_lambdas == 0.1).all()
-    assert model.wte.weight.dtype == torch.float32  # bf16 tables only on CUDA
-    # rotary tables: position 0 is the identity rotation, base 10000
-    assert torch.equal(model.cos[0, 0, 0], torch.ones(16)) and torch.equal(model.sin[0, 0, 0], torch.zeros(16))
-    torch.testing.assert_close(model.cos[0, 1, 0, 1], torch.tensor(math.cos(10000 ** (-2 / 32))))
-
-
-def test_value_embedding_gate_starts_at_one(ns, monkeypatch):
-    """At init the gate is 2 * sigmoid(0) = 1: v is c_v(x) plus the value embedding itself."""
-    model = tiny_model(ns)
-    attn = next(b.attn for b in model.blocks if b.attn.ve_gate is not None)
-    B, T, C = 2, 8, TINY["n_embd"]
-    x = torch.randn(B, T, C)
-    ve = torch.randn(B, T, attn.n_kv_head * attn.head_dim)
-    seen = {}
-
-    def capture(q, k, v, window):
-        seen["v"] = v
-        return torch.zeros_like(q)
-
-    monkeypatch.setitem(ns, "attention", capture)
-    attn(x, ve, model.cos[:, :T], model.sin[:, :T])
-    expected = (attn.c_v(x) + ve).view(B, T, attn.n_kv_head, attn.head_dim)
-    torch.testing.assert_close(seen["v"], expected)
-
-
-def test_forward_losses(ns):
+def test_model_returns_logits_or_a_loss(ns):
+    """evaluate_bpb calls model(x) for logits (B, T, V); the loop calls model(x, y) for a loss."""
     model = tiny_model(ns)
     gen = torch.Generator().manual_seed(5)
-    B, T = 3, TINY["sequence_len"]
-    idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
-    targets = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
-    with torch.no_grad():
-        loss = model(idx, targets)
-        per_token = model(idx, targets, reduction="none")
-        logits = model(idx)
-    assert loss.shape == () and torch.isfinite(loss)
-    assert per_token.shape == (B * T,)
-    torch.testing.assert_close(per_token.mean(), loss)
-    assert logits.shape == (B, T, TINY["vocab_size"]) and logits.dtype == torch.float32
-    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)))
-    # at init (zero output projections, lm_head std 0.001) the model predicts nearly uniformly
-    assert loss.item() == pytest.approx(math.log(TINY["vocab_size"]), rel=0.01)
-    # shorter sequences than sequence_len work too
-    with torch.no_grad():
-        assert model(idx[:, :7], targets[:, :7].contiguous(), reduction="none").shape == (B * 7,)
-
-
-def test_qk_norm_then_rotary_equals_rotary_then_norm(ns):
-    """The model norms q and k before rotating them; the recipe rotates first. A rotation keeps
-    the RMS, so both orders are the same function."""
-    gen = torch.Generator().manual_seed(11)
-    B, T, H, D = 2, 16, 3, 32
-    x = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) * 3
-    angles = torch.outer(torch.arange(T, dtype=torch.float64), torch.rand(D // 2, generator=gen, dtype=torch.float64))
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    norm, rotary = ns["norm"], ns["apply_rotary_emb"]
-    torch.testing.assert_close(rotary(norm(x), cos, sin), norm(rotary(x, cos, sin)))
-    assert not torch.allclose(rotary(x, cos, sin), x)  # the rotation does something
-
-
-def test_rotary_rotates_the_two_halves_of_each_head_together(ns):
-    """The recipe's rotary, written out: the halves (x1, x2) of a head become
-    (x1 cos + x2 sin, x2 cos - x1 sin)."""
-    gen = torch.Generator().manual_seed(12)
-    B, T, H, D = 2, 8, 3, 16
-    x = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
-    angles = torch.rand(1, T, 1, D // 2, generator=gen, dtype=torch.float64) * 6
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    expected = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-    torch.testing.assert_close(ns["apply_rotary_emb"](x, cos, sin), expected)
-
-
-def test_evaluation_reuses_the_compiled_training_graph(ns, monkeypatch):
-    """As train.py compiles it on CUDA: `model.losses` compiled once. Training steps, then
-    evaluate_bpb (under no_grad, reduction='none') must run that same graph: no recompilation."""
-    from torch._dynamo.testing import CompileCounter
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # the test session sets TORCH_COMPILE_DISABLE
-    torch._dynamo.reset()
-    model = tiny_model(ns)
-    counter = CompileCounter()
-    model.losses = torch.compile(model.losses, dynamic=False, backend=counter)
-    gen = torch.Generator().manual_seed(12)
-    B, T = 2, TINY["sequence_len"]
-    idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
-    targets = torch.randint(0, TINY["vocab_size"], (B, T), generator=gen)
-    for _ in range(2):
-        model(idx, targets).backward()
-    assert counter.frame_count == 1
-    with torch.compiler.set_stance("fail_on_recompile"), torch.no_grad():
-        per_token = model(idx, targets, reduction="none")
-        loss = model(idx, targets)
-    assert counter.frame_count == 1
-    assert per_token.shape == (B * T,) and not per_token.requires_grad and per_token.grad_fn is None
-    expected = F.cross_entropy(model.logits(idx).view(-1, TINY["vocab_size"]).detach(), targets.view(-1), reduction="none")
-    torch.testing.assert_close(per_token, expected)
-    assert loss.grad_fn is None  # under no_grad, nothing keeps the forward's activations alive
-    torch.testing.assert_close(loss, expected.mean())
-    torch._dynamo.reset()
-
-
-def test_logits_soft_capped(ns):
-    model = tiny_model(ns)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(1e5)
-        idx = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(6))
-        raws = []  # lm_head's output: the logits before the cap
-        model.lm_head.register_forward_hook(lambda module, inputs, output: raws.append(output))
-        logits = model(idx)
-    raw = raws[0].float()
-    assert torch.isfinite(logits).all() and logits.abs().max() <= 15.0
-    assert logits.abs().max() > 14.9, "the test should push logits into the cap"
-    assert raw.abs().max() > 100
-    torch.testing.assert_close(logits, 15 * torch.tanh(raw / 15))
-
-
-@pytest.mark.parametrize("lm_head_scale, vocab_size", [(1.0, 96), (1e4, 96), (1.0, 100), (1.0, 97)])
-def test_losses_equal_cross_entropy_of_the_capped_logits(ns, lm_head_scale, vocab_size):
-    """`losses` takes logsumexp without the max subtraction that the soft cap makes unnecessary, picks
-    the target logit with a mask and sums over pieces of the vocabulary (8, 4 and 1 piece for these
-    vocabularies): it must still be F.cross_entropy, in value and gradient, also at the cap."""
-    gen = torch.Generator().manual_seed(13)
-    B, T = 2, TINY["sequence_len"]
-    idx = torch.randint(0, vocab_size, (B, T), generator=gen)
-    targets = torch.randint(0, vocab_size, (B, T), generator=gen)
-    model = tiny_model(ns, vocab_size=vocab_size)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(lm_head_scale)
-        for block in model.blocks:  # nonzero output projections: gradients reach every matrix
-            block.attn.c_proj.weight.normal_(0, 0.05, generator=gen)
-            block.mlp.c_proj.weight.normal_(0, 0.05, generator=gen)
-    grads = lambda: [p.grad.clone() for p in model.parameters()]
-    mean, ours = model.losses(idx, targets)
-    mean.backward()
-    our_grads = grads()
-    model.zero_grad()
-    theirs = F.cross_entropy(model.logits(idx).flatten(0, 1), targets.view(-1), reduction="none")
-    theirs.mean().backward()
-    torch.testing.assert_close(ours, theirs.detach())
-    for a, b in zip(our_grads, grads()):
-        torch.testing.assert_close(a, b)
-    if lm_head_scale > 1:
-        assert model.logits(idx).abs().max() > 14.9, "the test should push logits into the cap"
+    B, T, V = 3, TINY["sequence_len"], TINY["vocab_size"]
+    idx = torch.randint(0, V, (B, T), generator=gen)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    logits = model(idx)
+    assert logits.shape == (B, T, V) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    loss = model(idx, targets)
+    assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
+    with torch.no_grad():  # shorter sequences than sequence_len work too
+        assert model(idx[:, :7]).shape == (B, 7, V)
+        assert model(idx[:, :7], targets[:, :7]).shape == ()
 
 
 def test_backward_reaches_every_parameter(ns):
@@ -614,83 +233,6 @@ def test_backward_reaches_every_parameter(ns):
     # step 0, but they themselves receive one
     assert model.blocks[0].attn.c_proj.weight.grad.abs().max() > 0
 
-
-# ---------------------------------------------------------------------------------------------
-# Schedules and MFU
-
-
-def test_lr_multiplier(ns):
-    lrm = ns["lr_multiplier"]
-    for progress in (0.0, 0.1, 0.3, 0.49, 0.4999):
-        assert lrm(progress) == 1.0
-    assert lrm(0.5) == pytest.approx(1.0)
-    assert lrm(0.75) == pytest.approx(0.5)
-    assert lrm(0.9) == pytest.approx(0.2)
-    assert lrm(1.0) == pytest.approx(0.0, abs=1e-12)
-    values = [lrm(i / 100) for i in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:])), "the multiplier never rises"
-
-
-def test_lr_multiplier_warmup_and_final_fraction(ns, monkeypatch):
-    monkeypatch.setitem(ns, "WARMUP_RATIO", 0.1)
-    monkeypatch.setitem(ns, "FINAL_LR_FRAC", 0.1)
-    lrm = ns["lr_multiplier"]
-    assert lrm(0.0) == 0.0 and lrm(0.05) == pytest.approx(0.5) and lrm(0.1) == pytest.approx(1.0)
-    assert lrm(0.5) == pytest.approx(1.0) and lrm(0.75) == pytest.approx(0.55) and lrm(1.0) == pytest.approx(0.1)
-
-
-def test_muon_momentum(ns):
-    mom = ns["muon_momentum"]
-    assert mom(0) == pytest.approx(0.85)
-    assert mom(150) == pytest.approx(0.90)
-    assert mom(299) < 0.95
-    assert mom(300) == pytest.approx(0.95) and mom(5000) == pytest.approx(0.95)
-
-
-def test_peak_flops_cpu_is_zero(ns):
-    assert ns["peak_flops"](torch.device("cpu")) == 0.0
-    assert ns["peak_flops"](torch.device("meta")) == 0.0
-
-
-@pytest.mark.parametrize("name, flops", [
-    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.5e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
-    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12),
-    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
-    ("NVIDIA B200", 2250e12),
-    ("Some Future GPU 9000", 0.0),
-])
-def test_peak_flops_lookup(ns, monkeypatch, name, flops):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert ns["peak_flops"](torch.device("cuda")) == flops
-
-
-def test_peak_flops_table_order(ns, monkeypatch):
-    table = ns["PEAK_BF16_FLOPS"]
-    keys = [k for k, _ in table]
-    for required in ("H100", "H200", "A100", "L40S", "4090", "3090"):
-        assert any(required in k for k in keys), required
-    assert keys.index("H100 PCIe") < keys.index("H100")
-    # no entry is shadowed by an earlier one with a different number (first match wins)
-    for key, flops in table:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, key=key: f"NVIDIA {key}")
-        assert ns["peak_flops"](torch.device("cuda")) == flops, key
-
-
-def test_private_compiler_names_train_py_uses_exist_in_this_torch():
-    """On CUDA only, train.py sets an inductor option and stops inductor's compile workers after
-    the first step: private torch names that no CPU run reaches. Each must exist in the torch that
-    uv installs, or a CUDA run would crash where these tests pass."""
-    import torch._inductor.async_compile  # noqa: F401 (loaded by torch.compile in train.py)
-    import torch._inductor.config  # noqa: F401
-    with open(TRAIN) as f:
-        names = set(re.findall(r"torch\._inductor(?:\.\w+)+", f.read()))
-    assert names, "no torch._inductor names found in train.py"
-    for name in names:
-        obj = torch
-        for part in name.split(".")[1:]:
-            assert hasattr(obj, part), f"{name}: torch {torch.__version__} has no {part}"
-            obj = getattr(obj, part)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,13 +251,19 @@ def edit(path, old, new):
 TRACE = ("    print('trace', repr((step, progress, dt, [(g['kind'], g['lr'], g['initial_lr'], g.get('momentum'),"
          " g.get('weight_decay')) for g in optimizer.param_groups])), flush=True)\n")  # each step, as the loop set it
 
+FAKE_PEAK = "mfu_percent = lambda flops_per_second, device: 100 * flops_per_second / 1e9\n"  # a 1 GFLOP/s peak
+
 VARIANTS = {  # name -> edit of the toy copy's train.py
     "baseline": lambda train: None,
     "huge_lr": lambda train: rewrite_constants(train, {"MATRIX_LR": "1e30", "EMBEDDING_LR": "1e30"}),
-    "huge_loss": lambda train: edit(train, "return losses.mean(), ", "return 1e6 * losses.mean(), "),
+    "huge_loss": lambda train: edit(train, "            loss = model(x, y)\n", "            loss = 1e6 * model(x, y)\n"),
     "bad_batch": lambda train: rewrite_constants(train, {"TOTAL_BATCH_SIZE": "6 * 64"}),  # 4 x 64 per pass
     "trace": lambda train: (edit(train, "    dt = time.time() - t0\n", "    dt = time.time() - t0\n" + TRACE),
-                            edit(train, "peak = peak_flops(device)\n", "peak = 1e9\n")),  # MFU on a CPU
+                            edit(train, "t_start = time.time()\n", "t_start = time.time()\n" + FAKE_PEAK)),  # MFU on a CPU
+    "agent": lambda train: (rewrite_constants(train, {"DEPTH": "3", "MATRIX_LR": "0.05", "WARMDOWN_RATIO": "0.3",
+                                                      "WINDOW_PATTERN": '"SL"'}),
+                            edit(train, "F.relu(self.c_fc(x)).square()", "F.gelu(self.c_fc(x))"),
+                            edit(train, "logits = 15 * torch.tanh(logits / 15)  # soft cap", "logits = logits")),
 }
 
 
@@ -870,6 +418,18 @@ def test_loop_clock_and_schedules(runs, ns):
     flops = float(re.search(r"^FLOPs per token: (\S+);", log, re.M).group(1))
     tokens = (len(traces) - ns["UNCOUNTED_STEPS"]) * 4 * 64
     assert summary["mfu_percent"] == pytest.approx(100 * flops * tokens / counted / 1e9, rel=1e-4)
+
+
+def test_a_run_edited_as_an_agent_edits_keeps_the_contract(runs):
+    """Another depth, learning rate, schedule, window pattern and activation, and no soft cap:
+    the run still ends with the whole summary block, and the harness scores it."""
+    rc, log = runs["agent"].result()
+    assert rc == 0, log[-3000:]
+    values = summary_values(log)
+    assert list(values) == [key for key, _ in SUMMARY] and log.splitlines()[-len(SUMMARY) - 1] == "---"
+    assert values["depth"] == 3 and values["num_steps"] > 2
+    assert math.isfinite(values["val_bpb"]) and 0 < values["val_bpb"] < 20
+    assert "n_layer=3" in log and "window_pattern='SL'" in log
 
 
 @pytest.mark.parametrize("variant", ["huge_lr", "huge_loss"])
