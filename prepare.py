@@ -70,6 +70,8 @@ TOKENIZER_MAX_CHARS = 1_000_000_000
 TOKENIZER_DOC_CHARS = 10_000
 DOC_BUFFER = 1000            # documents buffered for best-fit packing
 TASK_DOCS = 128              # documents per batch: one worker's tokenizing task, one refill of the buffer
+LOADER_WORKERS_MAX = 8       # tokenizing processes per dataloader: several times what training consumes
+COMPILE_WORKERS_MAX = 16     # inductor's compile processes per run: 8 runs fit a host of 128 cores
 
 
 class PrepareError(SystemExit):
@@ -377,6 +379,27 @@ def list_shards(split, data_dir=None):
     return [os.path.join(data_dir, n) for n in names]
 
 
+def cpu_share():
+    """CPUs this process may run on: its affinity mask (`taskset`, a cgroup's cpuset), else all of
+    the machine's. Runs side by side on one host each get their share by being pinned apart."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def loader_workers():
+    """A dataloader's tokenizing processes: the CPU share less one for the main process, at most
+    LOADER_WORKERS_MAX, at least one."""
+    return max(1, min(cpu_share() - 1, LOADER_WORKERS_MAX))
+
+
+def compile_workers():
+    """inductor's compile processes for a run (`torch._inductor.config.compile_threads`): the whole
+    CPU share, at most COMPILE_WORKERS_MAX. They work during the cold start, while the loader's
+    workers wait on a full queue."""
+    return min(cpu_share(), COMPILE_WORKERS_MAX)
+
+
 _worker_encoding = None  # each tokenizer worker's tiktoken.Encoding
 
 
@@ -477,7 +500,7 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     closing the iterator, or the interpreter's exit, stops them."""
     assert split in ("train", "val"), split
     device = torch.device(device) if device is not None else default_device()
-    num_workers = num_workers or os.cpu_count() or 4
+    num_workers = num_workers or loader_workers()
     list_shards(split)  # fail here, with the cause, rather than in the background thread
     pin = device.type == "cuda"
     ready = queue.Queue(maxsize=4)

@@ -739,6 +739,51 @@ def test_exit_stops_a_loader_left_open(toy_cache):
     assert r.stdout.splitlines()[-2:] == ["a batch", "running at exit: [] 0"], r.stdout
 
 
+SHARE_CHECK = """
+import json, multiprocessing, os
+import prepare
+children = set(multiprocessing.active_children())
+loader = prepare.make_dataloader(prepare.Tokenizer.from_directory(), 4, 64, "train", device="cpu")
+next(loader)
+workers = set(multiprocessing.active_children()) - children
+cpus = sorted({cpu for w in workers for cpu in os.sched_getaffinity(w.pid)})
+print(json.dumps([prepare.cpu_share(), prepare.loader_workers(), prepare.compile_workers(), len(workers), cpus]))
+loader.close()
+"""
+
+
+def test_a_run_sizes_its_workers_from_the_cpus_it_may_use(toy_cache, tokenizer):
+    mine = sorted(os.sched_getaffinity(0))
+    # pinned to one CPU by taskset: one loader worker, started and running on that CPU; one compile worker
+    r = subprocess.run(["taskset", "-c", str(mine[-1]), sys.executable, "-c", SHARE_CHECK], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == [1, 1, 1, 1, [mine[-1]]]
+    # unpinned: every CPU this process may use, one of them left to the main process
+    n, children = len(mine), set(multiprocessing.active_children())
+    workers = max(1, min(n - 1, 8))
+    assert (prepare.cpu_share(), prepare.loader_workers(), prepare.compile_workers()) == (n, workers, min(n, 16))
+    loader = prepare.make_dataloader(tokenizer, 4, 64, "train", device="cpu")
+    next(loader)
+    assert len(set(multiprocessing.active_children()) - children) == workers
+    loader.close()
+
+
+@pytest.mark.parametrize("cpus,loader,compiler", [(128, 8, 16), (16, 8, 16), (4, 3, 4), (2, 1, 2), (1, 1, 1)])
+def test_worker_counts_follow_the_cpu_share_with_caps(monkeypatch, cpus, loader, compiler):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cpus)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the host's count: never the share
+    assert (prepare.cpu_share(), prepare.loader_workers(), prepare.compile_workers()) == (cpus, loader, compiler)
+
+
+def test_worker_counts_without_an_affinity_mask_use_the_machines_cpus(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert (prepare.cpu_share(), prepare.loader_workers(), prepare.compile_workers()) == (6, 5, 6)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
+    assert (prepare.cpu_share(), prepare.loader_workers(), prepare.compile_workers()) == (1, 1, 1)
+
+
 def doc_stream(lengths, extra=1000):
     """Batches of one document, whose tokens name it: the k-th (from 1) is [1000k, 1000k+1, ...]."""
     for k, n in enumerate(list(lengths) + [50] * extra):
