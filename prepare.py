@@ -10,16 +10,31 @@ Usage:
     uv run prepare.py --num-shards -1        # every training shard (6542 of them)
     uv run prepare.py --download-workers 16  # more parallel downloads
 
+A shard counts only once every row group of it reads; damaged ones in the cache are fetched
+again. When shards are still missing after the retries, it names them and exits with status 1;
+the good ones are kept, and a second run fetches the rest. Ctrl-C stops it within seconds
+(status 130); temporary files left by a killed run are removed by the next one.
+
+The tokenizer trains from a fixed set: the first 10 training shards (shard_00000 .. shard_00009,
+the default download; the first N when --num-shards N is smaller), at most 1e9 characters of
+them, and only once all of those are here. Downloading more shards later keeps it. tokenizer.json
+records what it was trained from (shards, vocabulary size, character caps) beside its split
+pattern; a tokenizer trained from fewer of those shards or otherwise is trained again, with a
+line saying why.
+
 Environment:
     AUTORESEARCH_CACHE_DIR  where data/ and tokenizer/ live (default ~/.cache/autoresearch)
     AUTORESEARCH_DATA_URL   base URL of the shards, for mirrors and offline clusters:
-                            http(s)://host/path or file:///a/folder/with/shard_XXXXX.parquet
+                            http(s)://host/path, or a folder holding the shard_XXXXX.parquet
+                            files: file:///a/folder or /a/folder
 """
 
 import argparse
 import atexit
 import base64
 import bisect
+import contextlib
+import errno
 import itertools
 import json
 import math
@@ -27,13 +42,14 @@ import multiprocessing
 import os
 import queue
 import shutil
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from multiprocessing.pool import ThreadPool
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,6 +82,9 @@ VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
 
 DOWNLOAD_ATTEMPTS = 5        # per shard; waits 1, 2, 4, 8 s between attempts
 RETRY_BASE_DELAY = 1.0
+MISSING_SHOWN = 5            # missing shards named one by one; beyond, a count
+STALE_TEMP_SECONDS = 3600    # a temporary file of another host untouched this long is a killed run's
+TOKENIZER_SHARDS = 10        # the tokenizer trains from the first 10 training shards
 TOKENIZER_MAX_CHARS = 1_000_000_000
 TOKENIZER_DOC_CHARS = 10_000
 DOC_BUFFER = 1000            # documents buffered for best-fit packing
@@ -84,41 +103,152 @@ class PrepareError(SystemExit):
 # ---------------------------------------------------------------------------------------------
 # Download
 
+HOST = socket.gethostname().replace(".", "-")  # in temporary file names: whose they are
+
 
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
 
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
 def verify_shard(path):
-    """Raise ValueError unless `path` is a readable parquet file with a string `text` column."""
+    """Raise ValueError unless `path` is a whole shard: a parquet file with rows and a string
+    `text` column, every row group of which decodes, as valid UTF-8 and with no null document."""
     try:
-        pf = pq.ParquetFile(path)
-        field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
-        if field is None or str(field.type) not in ("string", "large_string"):
-            raise ValueError("no string column 'text'")
-        if pf.metadata.num_rows == 0:
-            raise ValueError("no rows")
-        pf.read_row_group(pf.num_row_groups - 1, columns=["text"])  # decode real data, not just the footer
-    except ValueError:
-        raise
+        pf = pq.ParquetFile(path, page_checksum_verification=True)  # checksums, where the writer wrote them
     except Exception as e:  # pyarrow raises several types for truncated or corrupt files
-        raise ValueError(f"not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"not a readable parquet file ({first_line(e)})") from None
+    field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+    if field is None or str(field.type) not in ("string", "large_string"):
+        raise ValueError("no string column 'text'")
+    if pf.metadata.num_rows == 0:
+        raise ValueError("no rows")
+    for rg in range(pf.num_row_groups):  # all of the data, not just the footer
+        try:
+            texts = pf.read_row_group(rg, columns=["text"]).column("text")
+            texts.validate(full=True)
+        except Exception as e:
+            raise ValueError(f"row group {rg} of {pf.num_row_groups} does not read ({first_line(e)})") from None
+        if texts.null_count:
+            raise ValueError(f"row group {rg} has {texts.null_count} null documents")
 
 
-def is_good_shard(path):
-    try:
-        verify_shard(path)
-        return True
-    except (ValueError, OSError):
-        return False
+def row_group_texts(paths):
+    """The `text` column of every row group of the shards `paths`, in order; each file is opened
+    when its turn comes. A file that no longer reads raises PrepareError naming it."""
+    for path in paths:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise damaged_shard(path, e) from None
+        for rg in range(pf.num_row_groups):
+            try:
+                texts = pf.read_row_group(rg, columns=["text"]).column("text")
+            except Exception as e:
+                raise damaged_shard(path, e, rg) from None
+            yield texts
+
+
+def damaged_shard(path, e, rg=None):
+    where = "" if rg is None else f"row group {rg}: "
+    return PrepareError(f"cannot read {path} ({where}{first_line(e)}): the file is damaged; run "
+                        "`uv run prepare.py` again, with the same --num-shards, to fetch it anew")
 
 
 class Unreachable(Exception):
     """The mirror could not be contacted at all (DNS, refused connection, timeout)."""
 
 
-def fetch(url, tmp_path):
-    """Fetch `url` into `tmp_path`. Raises Unreachable, FileNotFoundError (no retry) or OSError."""
+def check_data_url(url):
+    """The shards' base URL, checked before any download: http(s)://host/..., file:///folder, or
+    the path of an existing folder (taken as file://). PrepareError in one line otherwise."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https") and parsed.netloc:
+        return url
+    if parsed.scheme == "file":
+        if not os.path.isdir(unquote(parsed.path)):
+            raise PrepareError(f"AUTORESEARCH_DATA_URL={url}: there is no folder {unquote(parsed.path)}")
+        return url
+    if "://" not in url and os.path.isdir(url):
+        return "file://" + quote(os.path.abspath(url))
+    raise PrepareError(f"AUTORESEARCH_DATA_URL={url} is neither an http://, https:// or file:// URL "
+                       "nor an existing folder")
+
+
+def cache_error(what, e):
+    """The one-line PrepareError for a cache that cannot be written (read-only, full, ...)."""
+    return PrepareError(f"cannot write {what} ({e.strerror or first_line(e)}): free some space, make it "
+                        "writable, or point AUTORESEARCH_CACHE_DIR at another folder")
+
+
+def check_folder(folder):
+    """Create `folder` if needed and check that a file can be written in it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_name(os.path.join(folder, "probe"))
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        blocker = folder
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        if os.path.exists(blocker) and not os.path.isdir(blocker):
+            raise PrepareError(f"cannot use the cache folder {folder}: {blocker} is a file, not a folder; "
+                               "move it, or point AUTORESEARCH_CACHE_DIR at another folder") from None
+        raise cache_error(f"to the cache folder {folder}", e) from None
+
+
+def temp_name(path):
+    """A temporary name beside `path`, unique to its writer: host, process, thread and a random
+    part. remove_temp_files tells from the host and process whether the writer is gone."""
+    return f"{path}.tmp.{HOST}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}"
+
+
+def process_alive(pid):
+    if os.name == "nt":
+        return True  # no cheap check there: such files go by their age
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def remove_temp_files(folder, ours=False):
+    """Remove the temporary files in `folder` that no writer will finish. With `ours`: this
+    process's own (after Ctrl-C). Otherwise those of a process of this host that is gone (killed),
+    and any untouched for STALE_TEMP_SECONDS (another host's, or an older prepare.py's).
+    Returns how many were removed."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if ".tmp" not in name:
+            continue
+        path = os.path.join(folder, name)
+        fields = name.split(".tmp.", 1)[-1].split(".")
+        host, pid = (fields[0], int(fields[1])) if len(fields) == 4 and fields[1].isdigit() else (None, None)
+        try:
+            if ours:
+                stale = (host, pid) == (HOST, os.getpid())
+            elif host == HOST:
+                stale = not process_alive(pid)
+            else:
+                stale = time.time() - os.path.getmtime(path) > STALE_TEMP_SECONDS
+            if stale:
+                os.remove(path)
+                removed += 1
+        except FileNotFoundError:  # its writer finished or removed it meanwhile
+            pass
+    return removed
+
+
+def fetch(url, tmp_path, stop=None):
+    """Fetch `url` into `tmp_path`. Raises Unreachable, FileNotFoundError (no retry) or OSError.
+    `stop`: an Event; once set, the transfer breaks off at the next chunk."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         src = unquote(parsed.path)
@@ -140,6 +270,8 @@ def fetch(url, tmp_path):
         try:
             with open(tmp_path, "wb") as f:
                 for chunk in response.iter_content(chunk_size=1 << 20):
+                    if stop is not None and stop.is_set():
+                        raise OSError("stopped")
                     f.write(chunk)
                     written += len(chunk)
         except requests.RequestException as e:
@@ -148,35 +280,47 @@ def fetch(url, tmp_path):
             raise OSError(f"truncated: {written} of {expected} bytes")
 
 
-def download_shard(index, data_dir, base_url, give_up=None):
-    """Make `data_dir/shard_XXXXX.parquet` a verified copy. Returns (status, bytes); status is
-    'present', 'downloaded', or raises Unreachable / RuntimeError with the cause. `give_up`: an
-    Event set once the mirror proved unreachable, so queued shards fail at once."""
+def download_shard(index, data_dir, base_url, give_up=None, stop=None):
+    """Make `data_dir/shard_XXXXX.parquet` a verified copy. Returns (status, bytes, damage):
+    status 'present' or 'downloaded'; damage, what was wrong with a copy found in the cache and
+    fetched again, else None. Raises Unreachable, RuntimeError with the cause, or OSError when the
+    cache folder cannot be written. `give_up`: an Event set once the mirror proved unreachable, so
+    queued shards fail at once. `stop`: an Event set on Ctrl-C: no new attempt starts, and the
+    transfer in flight breaks off."""
+    stop = stop or threading.Event()
     path = os.path.join(data_dir, shard_filename(index))
+    damage = None
     if os.path.exists(path):
-        if is_good_shard(path):
-            return "present", os.path.getsize(path)
-        os.remove(path)  # truncated or corrupt from an earlier run: fetch it again
+        try:
+            verify_shard(path)
+            return "present", os.path.getsize(path), None
+        except ValueError as e:
+            damage = str(e)
+            os.remove(path)  # truncated or corrupt: fetch it again
     if give_up is not None and give_up.is_set():
         raise Unreachable("skipped: the mirror was unreachable for another shard")
     url = f"{base_url.rstrip('/')}/{shard_filename(index)}"
-    tmp_path = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    tmp_path = temp_name(path)
     cause = None
     try:
         for attempt in range(DOWNLOAD_ATTEMPTS):
-            if attempt:
-                time.sleep(RETRY_BASE_DELAY * 2 ** (attempt - 1))
+            if stop.is_set() or (attempt and stop.wait(RETRY_BASE_DELAY * 2 ** (attempt - 1))):
+                raise RuntimeError(f"{url}: stopped")
             try:
-                fetch(url, tmp_path)
+                fetch(url, tmp_path, stop)
                 verify_shard(tmp_path)
                 os.replace(tmp_path, path)  # atomic: a shard on disk is always complete
-                return "downloaded", os.path.getsize(path)
+                return "downloaded", os.path.getsize(path), damage
             except FileNotFoundError as e:
                 raise RuntimeError(f"{url}: {e}") from None
             except Unreachable:
                 if attempt == DOWNLOAD_ATTEMPTS - 1:
                     raise
-            except (OSError, ValueError) as e:
+            except OSError as e:
+                if e.filename == tmp_path or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise  # our disk, not the mirror: retrying cannot help
+                cause = e
+            except ValueError as e:
                 cause = e
         raise RuntimeError(f"{url}: {cause} (after {DOWNLOAD_ATTEMPTS} attempts)")
     finally:
@@ -185,11 +329,14 @@ def download_shard(index, data_dir, base_url, give_up=None):
 
 
 def download_data(num_shards, workers, data_dir=None, base_url=None):
-    """Download `num_shards` training shards (-1 = all) plus the validation shard, in parallel.
-    Returns the list of training shard paths ready; raises PrepareError when nothing usable."""
+    """Download `num_shards` training shards (-1 = all) plus the validation shard, in parallel;
+    good shards already there are kept. Returns the names of the shards still missing after the
+    retries (the first MISSING_SHOWN printed with their cause). Raises PrepareError for an unusable
+    URL or cache folder, or a mirror that could not be reached at all. On Ctrl-C no new request
+    starts, the transfers in flight break off and their temporary files are removed."""
     data_dir = data_dir or DATA_DIR
-    base_url = base_url or DATA_URL
-    os.makedirs(data_dir, exist_ok=True)
+    base_url = check_data_url(base_url or DATA_URL)
+    check_folder(data_dir)
     n_train = MAX_SHARD if num_shards == -1 else num_shards
     indices = [VAL_SHARD] + list(range(n_train))
     print(f"Data: {n_train} training shards + validation shard {VAL_SHARD} from {base_url}")
@@ -200,20 +347,48 @@ def download_data(num_shards, workers, data_dir=None, base_url=None):
     tty = sys.stdout.isatty()
     last_print = 0.0
     give_up = threading.Event()  # without it, every queued shard would wait out its own retries
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(download_shard, i, data_dir, base_url, give_up): i for i in indices}
-        for fut in as_completed(futures):
-            index = futures[fut]
+    stop = threading.Event()
+    todo, results = queue.SimpleQueue(), queue.SimpleQueue()
+    for index in indices:
+        todo.put(index)
+
+    def work():  # take shards until none is left or the run stops
+        while not stop.is_set():
             try:
-                status, size = fut.result()
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((index, download_shard(index, data_dir, base_url, give_up, stop)))
+            except BaseException as e:  # handed to the main thread
+                if isinstance(e, OSError):
+                    stop.set()  # the cache folder cannot be written: no other shard can be saved
+                results.put((index, e))
+
+    # daemon threads: a transfer stuck in the network cannot hold up the exit after Ctrl-C
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(indices)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in indices:
+            index, result = results.get()
+            if isinstance(result, Unreachable):
+                failures[index] = ("unreachable", str(result))
+                give_up.set()
+            elif isinstance(result, RuntimeError):
+                failures[index] = ("failed", str(result))
+            elif isinstance(result, OSError):
+                raise cache_error(f"to the cache folder {data_dir}", result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                status, size, damage = result
                 done += 1
                 nbytes += size
                 fresh_bytes += size if status == "downloaded" else 0
-            except Unreachable as e:
-                failures[index] = ("unreachable", str(e))
-                give_up.set()
-            except RuntimeError as e:
-                failures[index] = ("failed", str(e))
+                if damage:
+                    note = f"  {shard_filename(index)} in the cache was damaged ({damage}): fetched again"
+                    print(("\r" if tty else "") + note)
             now = time.time()
             finished = done + len(failures) == len(indices)
             if tty or finished or now - last_print >= 5:
@@ -222,22 +397,33 @@ def download_data(num_shards, workers, data_dir=None, base_url=None):
                 line += f"  failed {len(failures)}" if failures else ""
                 print(f"\r{line}", end="\n" if finished or not tty else "", flush=True)
                 last_print = now
+    except BaseException:  # Ctrl-C, or a cache folder that cannot be written: stop every transfer
+        stop.set()
+        if tty:
+            print(flush=True)  # end the progress line
+        try:
+            deadline = time.time() + 2
+            for thread in threads:
+                thread.join(max(deadline - time.time(), 0))
+        finally:
+            remove_temp_files(data_dir, ours=True)  # those of transfers still stuck in the network
+        raise
     if failures and all(kind == "unreachable" for kind, _ in failures.values()) and done == 0:
         raise PrepareError(
             f"could not reach {base_url} ({next(iter(failures.values()))[1]}). Check the network, or point "
             "AUTORESEARCH_DATA_URL at a mirror: an http(s):// URL or a file:// folder holding the same "
             "shard_XXXXX.parquet files."
         )
-    for index, (_, cause) in sorted(failures.items()):
-        print(f"  missing {shard_filename(index)}: {cause}")
-    if VAL_SHARD in failures:
-        raise PrepareError(f"the validation shard {VAL_FILENAME} could not be downloaded (see above); val_bpb needs it")
-    train_paths = [os.path.join(data_dir, shard_filename(i)) for i in range(n_train) if i not in failures]
-    if not train_paths:
-        raise PrepareError("no training shard could be downloaded (see above)")
-    print(f"Data: {len(train_paths)}/{n_train} training shards and the validation shard ready "
+    missing = sorted(failures)
+    for index in missing[:MISSING_SHOWN]:
+        print(f"  missing {shard_filename(index)}: {failures[index][1]}")
+    if len(missing) > MISSING_SHOWN:
+        print(f"  ... and {len(missing) - MISSING_SHOWN} more shards missing")
+    n_ready = sum(1 for i in range(n_train) if i not in failures)
+    val = "no" if VAL_SHARD in failures else "the"
+    print(f"Data: {n_ready}/{n_train} training shards and {val} validation shard ready "
           f"({nbytes / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
-    return train_paths
+    return [shard_filename(i) for i in missing]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,22 +433,33 @@ def download_data(num_shards, workers, data_dir=None, base_url=None):
 def text_iterator(paths, max_chars=TOKENIZER_MAX_CHARS, doc_chars=TOKENIZER_DOC_CHARS):
     """Documents of the training shards, each cut to `doc_chars`, `max_chars` in all."""
     total = 0
-    for path in paths:
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
-                doc = text[:doc_chars]
-                if total + len(doc) > max_chars:
-                    doc = doc[: max_chars - total]
-                if doc:
-                    yield doc
-                total += len(doc)
-                if total >= max_chars:
-                    return
+    for texts in row_group_texts(paths):
+        for text in texts.to_pylist():
+            doc = text[:doc_chars]
+            if total + len(doc) > max_chars:
+                doc = doc[: max_chars - total]
+            if doc:
+                yield doc
+            total += len(doc)
+            if total >= max_chars:
+                return
+
+
+def tokenizer_shards(n_train):
+    """Names of the shards the tokenizer trains from: the first TOKENIZER_SHARDS training shards,
+    or the first `n_train` when fewer are downloaded."""
+    return [shard_filename(i) for i in range(min(n_train, TOKENIZER_SHARDS))]
+
+
+def shard_span(names):
+    if len(names) <= 1:
+        return names[0] if names else "no shard"
+    return f"{names[0]} .. {names[-1]} ({len(names)} shards)"
 
 
 def train_tokenizer(paths, tokenizer_dir=None, vocab_size=VOCAB_SIZE):
-    """Train the byte-level BPE on `paths`, save it as plain data files, check a round trip."""
+    """Train the byte-level BPE on `paths`, save it as plain data with a record of what it was
+    trained from, check a round trip."""
     import rustbpe  # only needed here, never at training time
 
     tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
@@ -270,7 +467,12 @@ def train_tokenizer(paths, tokenizer_dir=None, vocab_size=VOCAB_SIZE):
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(text_iterator(paths), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
-    save_tokenizer(ranks, bpe.get_pattern(), tokenizer_dir)
+    trained_from = {"shards": [os.path.basename(p) for p in paths], "vocab_size": vocab_size,
+                    "max_chars": TOKENIZER_MAX_CHARS, "doc_chars": TOKENIZER_DOC_CHARS}
+    try:
+        save_tokenizer(ranks, bpe.get_pattern(), tokenizer_dir, trained_from)
+    except OSError as e:
+        raise cache_error(f"the tokenizer to {tokenizer_dir}", e) from None
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     for sample in ["Hello, world!", "1234567890 3.14159", "日本語のテキスト", "emoji 🚀🎉 ok", "  tabs\tand\nnewlines\r\n"]:
         if tokenizer.decode(tokenizer.encode(sample)) != sample:
@@ -279,52 +481,101 @@ def train_tokenizer(paths, tokenizer_dir=None, vocab_size=VOCAB_SIZE):
     return tokenizer
 
 
-def save_tokenizer(ranks, pattern, tokenizer_dir):
-    """Plain data, no pickle: tokenizer.json (pattern, specials, base64 ranks) + token_bytes.npy."""
+def save_tokenizer(ranks, pattern, tokenizer_dir, trained_from):
+    """Plain data, no pickle, in one file, tokenizer.json: the pattern, the special tokens, the
+    base64 ranks, token_bytes (UTF-8 bytes of each token, 0 for the special tokens) and
+    `trained_from` (shard names, vocab_size, the character caps). Written under a name of its own,
+    then renamed: a reader sees the previous file or the new one, whole, never a part or a mix."""
     os.makedirs(tokenizer_dir, exist_ok=True)
     n = len(ranks)
-    specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    token_bytes = np.zeros(n + len(SPECIAL_TOKENS), dtype=np.int32)  # 0 for the special tokens
-    for tok, rank in ranks.items():
-        token_bytes[rank] = len(tok)
+    ordered = [tok for tok, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     meta = {
         "pattern": pattern,
-        "special_tokens": specials,
-        "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in sorted(ranks.items(), key=lambda kv: kv[1])],
+        "special_tokens": {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)},
+        "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok in ordered],
+        "token_bytes": [len(tok) for tok in ordered] + [0] * len(SPECIAL_TOKENS),
+        "trained_from": trained_from,
     }
-    # write both to temporary names, then rename: a half-written tokenizer never looks complete
-    np.save(os.path.join(tokenizer_dir, "token_bytes.tmp.npy"), token_bytes, allow_pickle=False)
-    with open(os.path.join(tokenizer_dir, "tokenizer.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(tokenizer_dir, "token_bytes.tmp.npy"), os.path.join(tokenizer_dir, "token_bytes.npy"))
-    os.replace(os.path.join(tokenizer_dir, "tokenizer.json.tmp"), os.path.join(tokenizer_dir, "tokenizer.json"))
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    tmp_path = temp_name(path)
+    try:
+        with open(tmp_path, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(tokenizer_dir, "token_bytes.npy"))  # an older prepare.py's second file
+
+
+def read_tokenizer(tokenizer_dir):
+    """(meta, tiktoken.Encoding) from `tokenizer_dir`/tokenizer.json, checked: token_bytes must
+    match the ranks, the record of what it was trained from must be there, the pattern must be
+    SPLIT_PATTERN. Raises FileNotFoundError, OSError, or ValueError saying what is wrong."""
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        data = f.read()
+    try:
+        meta = json.loads(data)
+        ranks = {base64.b64decode(tok, validate=True): rank for rank, tok in enumerate(meta["mergeable_ranks"])}
+        if sorted(meta["special_tokens"]) != sorted(SPECIAL_TOKENS):
+            raise ValueError("unexpected special tokens")
+        if meta["token_bytes"] != [len(tok) for tok in ranks] + [0] * len(SPECIAL_TOKENS):
+            raise ValueError("token_bytes do not match the vocabulary")
+        enc = tiktoken.Encoding("autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks,
+                                special_tokens=meta["special_tokens"])
+    except Exception as e:
+        raise ValueError(f"damaged ({type(e).__name__})") from None
+    if not isinstance(meta.get("trained_from"), dict):
+        raise ValueError("from an older prepare.py, with no record of what it was trained from")
+    if meta["pattern"] != SPLIT_PATTERN:
+        raise ValueError("trained with another split pattern")
+    return meta, enc
+
+
+def tokenizer_problem(tokenizer_dir, shards):
+    """Why the tokenizer in `tokenizer_dir` must be trained (again) from `shards` (names), or None
+    to keep it. It is kept when trained for VOCAB_SIZE with today's character caps from the first
+    k of the tokenizer's shards, k >= len(shards): a run with more shards, or fewer, keeps it."""
+    try:
+        meta, _ = read_tokenizer(tokenizer_dir)
+    except FileNotFoundError:
+        return "there is none yet"
+    except OSError as e:
+        return f"the one there cannot be read ({e.strerror})"
+    except ValueError as e:
+        return f"the one there is {e}"
+    got = meta["trained_from"]
+    for key, want in (("vocab_size", VOCAB_SIZE), ("max_chars", TOKENIZER_MAX_CHARS), ("doc_chars", TOKENIZER_DOC_CHARS)):
+        if got.get(key) != want:
+            return f"the one there was trained with {key} {got.get(key)}, not {want}"
+    had = got.get("shards") or []
+    if had != tokenizer_shards(len(had)) or len(had) < len(shards):
+        return f"the one there was trained from {shard_span(had)}"
+    return None
 
 
 class Tokenizer:
-    """BPE tokenizer: tiktoken rebuilt from the plain data files that prepare.py wrote."""
+    """BPE tokenizer: tiktoken rebuilt from the plain data that prepare.py wrote."""
 
-    def __init__(self, enc):
+    def __init__(self, enc, token_bytes, trained_from):
         self.enc = enc
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+        self.token_bytes = token_bytes  # UTF-8 bytes of each token id, 0 for the special tokens
+        self.trained_from = trained_from
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
         tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
-        path = os.path.join(tokenizer_dir, "tokenizer.json")
-        if not os.path.exists(path):
-            raise PrepareError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py` first")
         try:
-            with open(path) as f:
-                meta = json.load(f)
-            ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(meta["mergeable_ranks"])}
-            enc = tiktoken.Encoding("autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks,
-                                    special_tokens=meta["special_tokens"])
-            if sorted(meta["special_tokens"]) != sorted(SPECIAL_TOKENS):
-                raise ValueError("unexpected special tokens")
-        except Exception as e:
-            raise PrepareError(f"the tokenizer in {tokenizer_dir} is damaged ({type(e).__name__}): "
-                               "run `uv run prepare.py` to rebuild it") from None
-        return cls(enc)
+            meta, enc = read_tokenizer(tokenizer_dir)
+        except FileNotFoundError:
+            raise PrepareError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py` first") from None
+        except OSError as e:
+            raise PrepareError(f"cannot read the tokenizer in {tokenizer_dir} ({e.strerror})") from None
+        except ValueError as e:
+            raise PrepareError(f"the tokenizer in {tokenizer_dir} is {e}: run `uv run prepare.py` to rebuild it") from None
+        return cls(enc, meta["token_bytes"], meta["trained_from"])
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -347,13 +598,7 @@ class Tokenizer:
 
 def get_token_bytes(device="cpu", tokenizer_dir=None):
     """(vocab,) int64 tensor: UTF-8 bytes of each token, 0 for special tokens."""
-    tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
-    path = os.path.join(tokenizer_dir, "token_bytes.npy")
-    try:
-        token_bytes = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise PrepareError(f"cannot read {path} ({type(e).__name__}): run `uv run prepare.py`") from None
-    return torch.from_numpy(token_bytes.astype(np.int64)).to(device)
+    return torch.tensor(Tokenizer.from_directory(tokenizer_dir).token_bytes, dtype=torch.int64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +672,7 @@ def document_batches(tokenizer, split, num_workers):
         pending = deque()
         try:
             for epoch in itertools.count(1):
-                row_groups = ((pf, rg) for pf in map(pq.ParquetFile, paths) for rg in range(pf.num_row_groups))
-                for pf, rg in row_groups:  # each file opened once an epoch, when its turn comes
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text")
+                for texts in row_group_texts(paths):  # each file opened once an epoch, when its turn comes
                     for start in range(0, len(texts), TASK_DOCS):
                         task = texts[start:start + TASK_DOCS].to_pylist()
                         pending.append((pool.apply_async(encode_documents, (task,)), epoch))
@@ -729,15 +972,45 @@ def main(argv=None):
     parser.add_argument("--download-workers", type=worker_count, default=8,
                         help="parallel downloads (default 8)")
     args = parser.parse_args(argv)
-    t0 = time.time()
-    print(f"Cache: {CACHE_DIR}")
-    train_paths = download_data(args.num_shards, args.download_workers)
     try:
-        Tokenizer.from_directory()
-        get_token_bytes()
-        print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
-    except PrepareError:
-        train_tokenizer(train_paths)
+        prepare_cache(args.num_shards, args.download_workers)
+    except KeyboardInterrupt:
+        print("interrupted: what was complete is kept, temporary files are removed; run `uv run prepare.py` "
+              "again to go on", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def prepare_cache(num_shards, workers):
+    """Fill the cache: the shards, then the tokenizer once the shards it trains from are here.
+    PrepareError, after the tokenizer, while any requested shard is missing."""
+    t0 = time.time()
+    base_url = check_data_url(DATA_URL)
+    print(f"Cache: {CACHE_DIR}")
+    for folder in (DATA_DIR, TOKENIZER_DIR):
+        check_folder(folder)
+    removed = remove_temp_files(DATA_DIR) + remove_temp_files(TOKENIZER_DIR)
+    if removed:
+        print(f"Cache: removed {removed} temporary files left by an interrupted run")
+    missing = download_data(num_shards, workers, DATA_DIR, base_url)
+    n_train = MAX_SHARD if num_shards == -1 else num_shards
+    shards = tokenizer_shards(n_train)
+    absent = [name for name in shards if name in missing]
+    if absent:
+        print(f"Tokenizer: not trained: {len(absent)} of the {len(shards)} shards it trains from are missing")
+    else:
+        reason = tokenizer_problem(TOKENIZER_DIR, shards)
+        if reason is None:
+            print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
+        else:
+            print(f"Tokenizer: training from {shard_span(shards)}: {reason}")
+            train_tokenizer([os.path.join(DATA_DIR, name) for name in shards], TOKENIZER_DIR, VOCAB_SIZE)
+    if missing:
+        shown = ", ".join(missing[:MISSING_SHOWN])
+        shown += f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        val = f"; the validation shard {VAL_FILENAME}, which val_bpb needs, is one" if VAL_FILENAME in missing else ""
+        raise PrepareError(f"{len(missing)} of {n_train + 1} shards still missing after the retries: {shown}{val}. "
+                           "The good ones are kept: run `uv run prepare.py` again to fetch the rest, or point "
+                           "AUTORESEARCH_DATA_URL at a mirror that has them")
     print(f"Done in {time.time() - t0:.1f}s. Data: {DATA_DIR}  Tokenizer: {TOKENIZER_DIR}")
     print("Next: uv run train.py")
 

@@ -6,6 +6,8 @@ length); what a user sees (exit status, one-line errors, no tracebacks) is check
 `python prepare.py` as a subprocess with AUTORESEARCH_CACHE_DIR / AUTORESEARCH_DATA_URL."""
 
 import collections
+import contextlib
+import errno
 import http.server
 import itertools
 import json
@@ -14,6 +16,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,13 +60,15 @@ class Mirror:
     `always[name]`: the action for every GET of that file. Actions: serve, 404, 500, drop (close
     the connection without a response), cut (Content-Length of the whole file, half the body,
     close), cut_no_length (half the body, no Content-Length, close), garbage (random bytes of the
-    right length). `hits` counts GETs per file name."""
+    right length), stall (half the body, then nothing until `release` is set, then the rest),
+    hang (half the body, then nothing until the server closes). `hits` counts GETs per file name."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         self.faults, self.always = {}, {}
         self.hits = collections.Counter()
         self.lock = threading.Lock()
+        self.release, self.closing = threading.Event(), threading.Event()
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -103,14 +108,19 @@ class Mirror:
         if action != "cut_no_length":
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
-        if action in ("cut", "cut_no_length"):
+        if action in ("cut", "cut_no_length", "stall", "hang"):
             h.wfile.write(data[: len(data) // 2])
             h.wfile.flush()
             h.close_connection = True
+            if action in ("stall", "hang") and (self.release if action == "stall" else self.closing).wait(60):
+                with contextlib.suppress(OSError):  # the client may be gone
+                    h.wfile.write(data[len(data) // 2:])
             return
         h.wfile.write(data)
 
     def close(self):
+        self.release.set()
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -190,26 +200,30 @@ def call_with_timeout(fn, timeout=30):
 # Download, in-process
 
 
-def test_rerun_skips_good_files_and_replaces_damaged_ones(tmp_path, mirror, mirror_folder, fast_retries):
+def test_rerun_skips_good_files_and_replaces_damaged_ones(tmp_path, mirror, mirror_folder, fast_retries, capsys):
     data = tmp_path / "data"  # download_data creates it
-    paths = prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url)
-    assert paths == [str(data / "shard_00000.parquet"), str(data / "shard_00001.parquet")]
+    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == []  # nothing missing
+    assert sorted(os.listdir(data)) == ["shard_00000.parquet", "shard_00001.parquet", VAL]
     assert sum(mirror.hits.values()) == 3
 
     mirror.hits.clear()
-    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == paths
+    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == []
     assert sum(mirror.hits.values()) == 0  # everything on disk was good: nothing fetched
 
     full = (data / "shard_00000.parquet").read_bytes()
     (data / "shard_00000.parquet").write_bytes(full[: len(full) // 2])  # truncated by a crash
     size = (data / "shard_00001.parquet").stat().st_size
     (data / "shard_00001.parquet").write_bytes(b"\0" * size)  # corrupt, right length
-    assert not prepare.is_good_shard(str(data / "shard_00000.parquet"))
-    assert not prepare.is_good_shard(str(data / "shard_00001.parquet"))
-    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == paths
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        with pytest.raises(ValueError):
+            prepare.verify_shard(str(data / name))
+    capsys.readouterr()
+    assert prepare.download_data(2, 2, data_dir=str(data), base_url=mirror.url) == []
     assert mirror.hits == {"shard_00000.parquet": 1, "shard_00001.parquet": 1}  # the val shard was fine
+    out = capsys.readouterr().out
     for name in ("shard_00000.parquet", "shard_00001.parquet"):
         assert (data / name).read_bytes() == (mirror_folder / name).read_bytes()
+        assert f"{name} in the cache was damaged" in out  # named, and fetched again
     assert leftovers(data) == []
 
 
@@ -220,19 +234,19 @@ def test_rerun_skips_good_files_and_replaces_damaged_ones(tmp_path, mirror, mirr
 @pytest.mark.parametrize("fault", ["500", "drop"])
 def test_retries_then_succeeds(dest, mirror, mirror_folder, fast_retries, fault):
     mirror.faults["shard_00000.parquet"] = [fault, fault]
-    status, size = prepare.download_shard(0, str(dest), mirror.url)
-    assert status == "downloaded"
+    status, size, damage = prepare.download_shard(0, str(dest), mirror.url)
+    assert status == "downloaded" and damage is None
     assert mirror.hits["shard_00000.parquet"] == 3
     assert (dest / "shard_00000.parquet").read_bytes() == (mirror_folder / "shard_00000.parquet").read_bytes()
     assert size == (dest / "shard_00000.parquet").stat().st_size
     assert leftovers(dest) == []
 
 
-def test_retry_waits_back_off_exponentially(dest, mirror, monkeypatch):
+def test_retry_waits_back_off_exponentially(dest, mirror):
     mirror.faults["shard_00000.parquet"] = ["500", "500", "500"]
     sleeps = []
-    monkeypatch.setattr(prepare, "time", types.SimpleNamespace(sleep=sleeps.append, time=time.time))
-    assert prepare.download_shard(0, str(dest), mirror.url)[0] == "downloaded"
+    stop = types.SimpleNamespace(is_set=lambda: False, wait=lambda seconds: sleeps.append(seconds))  # waits on Ctrl-C's event
+    assert prepare.download_shard(0, str(dest), mirror.url, stop=stop)[0] == "downloaded"
     base = prepare.RETRY_BASE_DELAY
     assert sleeps == [base, 2 * base, 4 * base]
 
@@ -240,8 +254,8 @@ def test_retry_waits_back_off_exponentially(dest, mirror, monkeypatch):
 def test_404_shard_is_reported_missing_without_retries(tmp_path, mirror, fast_retries, capsys):
     mirror.always["shard_00001.parquet"] = "404"
     data = tmp_path / "data"
-    paths = prepare.download_data(3, 2, data_dir=str(data), base_url=mirror.url)
-    assert paths == [str(data / "shard_00000.parquet"), str(data / "shard_00002.parquet")]
+    assert prepare.download_data(3, 2, data_dir=str(data), base_url=mirror.url) == ["shard_00001.parquet"]
+    assert sorted(os.listdir(data)) == ["shard_00000.parquet", "shard_00002.parquet", VAL]
     assert mirror.hits["shard_00001.parquet"] == 1  # a 404 is final: no retries
     out = capsys.readouterr().out
     assert "missing shard_00001.parquet" in out and "404" in out
@@ -292,8 +306,7 @@ def test_response_always_cut_short_is_reported_failed(dest, mirror, fast_retries
     assert mirror.hits[name] == prepare.DOWNLOAD_ATTEMPTS
     assert os.listdir(dest) == []  # never a partial file, under any name
 
-    paths = prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url)
-    assert paths == [str(dest / "shard_00001.parquet")]  # the other shards still count
+    assert prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url) == [name]
     assert f"missing {name}" in capsys.readouterr().out
     assert sorted(os.listdir(dest)) == ["shard_00001.parquet", VAL]
 
@@ -329,7 +342,6 @@ def test_verify_shard_rejects_bad_files(tmp_path, mirror_folder):
         (tmp_path / case).write_bytes(content)
         with pytest.raises(ValueError):
             prepare.verify_shard(str(tmp_path / case))
-        assert not prepare.is_good_shard(str(tmp_path / case))
     write_wrong_schema(str(tmp_path / "schema"))
     with pytest.raises(ValueError, match="text"):
         prepare.verify_shard(str(tmp_path / "schema"))
@@ -339,31 +351,67 @@ def test_verify_shard_rejects_bad_files(tmp_path, mirror_folder):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "norows"))
     with pytest.raises(ValueError, match="rows"):
         prepare.verify_shard(str(tmp_path / "norows"))
-    assert not prepare.is_good_shard(str(tmp_path / "does_not_exist"))
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        prepare.verify_shard(str(tmp_path / "does_not_exist"))
 
 
-def test_missing_validation_shard_in_process(dest, mirror, fast_retries):
+def write_shard_damaged_inside(path, how):
+    """A shard of 4 row groups whose footer and first and last row groups are intact, and whose
+    row group 1 is damaged: 'zeros' (its pages overwritten), 'flipped' (bits of its compressed
+    data flipped), 'utf8' (uncompressed, one byte of a document made invalid UTF-8), 'null' (a
+    document that is null, in a file that is otherwise fine)."""
+    docs = make_docs(seed=7, n_docs=200)
+    docs[75] = "MARKER " + docs[75]  # row group 1 holds documents 50..99
+    if how == "null":
+        docs[75] = None
+    compression = "NONE" if how == "utf8" else "snappy"
+    pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=50,
+                   compression=compression, use_dictionary=False)
+    data = bytearray(Path(path).read_bytes())
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    if how == "zeros":
+        data[start:start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+    elif how == "flipped":
+        for k in range(start + 40, start + chunk.total_compressed_size, 7):
+            data[k] ^= 0x5A
+    elif how == "utf8":
+        k = data.index(b"MARKER")
+        data[k] = 0xFF
+    Path(path).write_bytes(bytes(data))
+    pf = pq.ParquetFile(path)  # the footer still reads, and so do the other row groups
+    assert pf.num_row_groups == 4
+    for rg in (0, 2, 3):
+        pf.read_row_group(rg)
+
+
+@pytest.mark.parametrize("how", ["zeros", "flipped", "utf8", "null"])
+def test_verify_shard_reads_every_row_group(tmp_path, how):
+    path = str(tmp_path / "shard.parquet")
+    write_shard_damaged_inside(path, how)
+    with pytest.raises(ValueError, match="row group 1"):
+        prepare.verify_shard(path)
+
+
+def test_missing_validation_shard_in_process(dest, mirror, fast_retries, capsys):
     mirror.always[VAL] = "404"
-    with pytest.raises(prepare.PrepareError) as info:
-        prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url)
-    assert isinstance(info.value, SystemExit)
-    message = str(info.value.code)
-    assert VAL in message and "validation" in message
+    assert prepare.download_data(2, 2, data_dir=str(dest), base_url=mirror.url) == [VAL]
     assert mirror.hits[VAL] == 1
+    out = capsys.readouterr().out
+    assert f"missing {VAL}" in out and "2/2 training shards and no validation shard ready" in out
 
 
 def test_every_training_shard_missing(dest, mirror, fast_retries, capsys):
-    # (the exit path of a PrepareError, one line and status 1, is checked by subprocess in
+    # (the exit path, one line and status 1, is checked by subprocess in
     # test_missing_validation_shard_exits_nonzero)
     for i in range(3):
         mirror.always[prepare.shard_filename(i)] = "404"
-    with pytest.raises(prepare.PrepareError, match="no training shard") as info:
-        prepare.download_data(3, 2, data_dir=str(dest), base_url=mirror.url)
-    assert isinstance(info.value, SystemExit) and isinstance(info.value.code, str)  # exit status 1
-    assert "\n" not in info.value.code
+    assert prepare.download_data(3, 2, data_dir=str(dest), base_url=mirror.url) == \
+        [prepare.shard_filename(i) for i in range(3)]
     out = capsys.readouterr().out
     for i in range(3):
         assert f"missing shard_{i:05d}.parquet" in out
+    assert "0/3 training shards" in out
     assert os.listdir(dest) == [VAL]
 
 
@@ -384,14 +432,326 @@ def test_offline_rerun_uses_shards_on_disk(dest, mirror_folder, fast_retries, ca
     for name in ("shard_00000.parquet", "shard_00001.parquet", VAL):
         shutil.copyfile(mirror_folder / name, dest / name)
     url = closed_port_url()
-    paths = prepare.download_data(2, 2, data_dir=str(dest), base_url=url)  # nothing to fetch
-    assert paths == [str(dest / "shard_00000.parquet"), str(dest / "shard_00001.parquet")]
+    assert prepare.download_data(2, 2, data_dir=str(dest), base_url=url) == []  # nothing to fetch
     capsys.readouterr()
-    paths = prepare.download_data(4, 2, data_dir=str(dest), base_url=url)  # 2 more, mirror down
-    assert paths == [str(dest / "shard_00000.parquet"), str(dest / "shard_00001.parquet")]
+    missing = prepare.download_data(4, 2, data_dir=str(dest), base_url=url)  # 2 more, mirror down
+    assert missing == ["shard_00002.parquet", "shard_00003.parquet"]
     out = capsys.readouterr().out
     assert "missing shard_00002.parquet" in out and "missing shard_00003.parquet" in out
     assert "2/4 training shards" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare.main in-process: missing shards, the tokenizer's shards, the data URL, the cache folder
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys, fast_retries):
+    """cli(url, *args) runs prepare.main in-process on the cache `cli.cache` (tmp_path / "cache"
+    unless changed), with a 300-token vocabulary. Returns (exit code, None if it returned; stdout)."""
+    monkeypatch.setattr(prepare, "VOCAB_SIZE", 300)
+
+    def run(url, *args):
+        for name, value in (("CACHE_DIR", run.cache), ("DATA_DIR", run.cache / "data"),
+                            ("TOKENIZER_DIR", run.cache / "tokenizer"), ("DATA_URL", url)):
+            monkeypatch.setattr(prepare, name, str(value))
+        capsys.readouterr()
+        try:
+            prepare.main(list(args))
+            code = None
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().out
+
+    run.cache = tmp_path / "cache"
+    return run
+
+
+def one_line_error(code, *needles):
+    """The exit of a PrepareError: a one-line message (exit status 1) naming `needles`, and never
+    the advice meant for a cache that was simply not prepared yet."""
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    for needle in needles:
+        assert needle in code, (needle, code)
+    assert "prepare.py` first" not in code
+    return code
+
+
+def trained_from(cache):
+    return json.loads((cache / "tokenizer" / "tokenizer.json").read_text())["trained_from"]
+
+
+def test_missing_shards_fail_the_run_and_hold_back_the_tokenizer(cli, mirror):
+    """The mirror loses shard 1: status 1, naming it and AUTORESEARCH_DATA_URL; the good shards
+    are kept; no tokenizer trained from less than its shards. With the mirror back, a rerun
+    fetches only what was missing and trains the tokenizer from all of its shards."""
+    mirror.always["shard_00001.parquet"] = "404"
+    code, out = cli(mirror.url, "--num-shards", "3")
+    one_line_error(code, "1 of 4 shards still missing", "shard_00001.parquet", "AUTORESEARCH_DATA_URL")
+    assert "missing shard_00001.parquet" in out and "HTTP 404" in out
+    assert "Tokenizer: not trained: 1 of the 3 shards it trains from are missing" in out
+    assert "Done" not in out
+    assert sorted(os.listdir(cli.cache / "data")) == ["shard_00000.parquet", "shard_00002.parquet", VAL]
+    assert os.listdir(cli.cache / "tokenizer") == []
+
+    del mirror.always["shard_00001.parquet"]
+    mirror.hits.clear()
+    code, out = cli(mirror.url, "--num-shards", "3")
+    assert code is None and "Done" in out, out
+    assert mirror.hits == {"shard_00001.parquet": 1}
+    assert trained_from(cli.cache)["shards"] == [prepare.shard_filename(i) for i in range(3)]
+    assert trained_from(cli.cache)["vocab_size"] == 300
+
+
+def test_tokenizer_trains_once_its_shards_are_here_even_if_others_are_missing(cli, mirror, monkeypatch):
+    monkeypatch.setattr(prepare, "TOKENIZER_SHARDS", 2)
+    mirror.always[VAL] = "404"
+    code, out = cli(mirror.url, "--num-shards", "3")
+    one_line_error(code, VAL, "validation shard", "val_bpb", "AUTORESEARCH_DATA_URL")
+    assert "Tokenizer: training from shard_00000.parquet .. shard_00001.parquet (2 shards): there is none yet" in out
+    assert trained_from(cli.cache)["shards"] == ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_many_missing_shards_are_summarised(cli, tmp_path, monkeypatch):
+    """`-1` against an empty mirror: a handful of shards named, then a count; not a line each."""
+    monkeypatch.setattr(prepare, "MAX_SHARD", 60)
+    (tmp_path / "empty mirror").mkdir()
+    code, out = cli((tmp_path / "empty mirror").as_uri(), "--num-shards", "-1")
+    named = [line for line in out.splitlines() if line.startswith("  missing ")]
+    assert [line.split(":")[0] for line in named] == [f"  missing {prepare.shard_filename(i)}" for i in range(5)]
+    assert all(line.endswith("does not exist") for line in named)
+    assert "  ... and 56 more shards missing" in out
+    assert out.count("\n") < 15, out  # not one line a shard
+    one_line_error(code, "61 of 61 shards still missing", "shard_00004.parquet and 56 more", VAL, "AUTORESEARCH_DATA_URL")
+
+
+def test_tokenizer_trains_from_a_fixed_set_of_shards(cli, mirror, monkeypatch):
+    """With a set of 2 shards: a tokenizer trained from fewer (a run of --num-shards 1) is trained
+    again once the whole set is here, saying why; then more shards, or fewer, keep it. A tokenizer
+    of another vocabulary size, or with no record of its data, is trained again."""
+    monkeypatch.setattr(prepare, "TOKENIZER_SHARDS", 2)
+    path = cli.cache / "tokenizer" / "tokenizer.json"
+    code, out = cli(mirror.url, "--num-shards", "1")
+    assert code is None and trained_from(cli.cache)["shards"] == ["shard_00000.parquet"]
+    assert "Tokenizer: training from shard_00000.parquet: there is none yet" in out
+    code, out = cli(mirror.url, "--num-shards", "2")
+    assert code is None and trained_from(cli.cache)["shards"] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert "Tokenizer: training from shard_00000.parquet .. shard_00001.parquet (2 shards): " \
+           "the one there was trained from shard_00000.parquet" in out
+    saved = path.read_bytes()
+    for n in ("3", "1"):
+        code, out = cli(mirror.url, "--num-shards", n)
+        assert code is None and "Tokenizer: already trained" in out, out
+        assert path.read_bytes() == saved
+
+    monkeypatch.setattr(prepare, "VOCAB_SIZE", 290)
+    code, out = cli(mirror.url, "--num-shards", "2")
+    assert code is None and "the one there was trained with vocab_size 300, not 290" in out
+    assert trained_from(cli.cache)["vocab_size"] == 290
+    meta = json.loads(path.read_text())
+    del meta["trained_from"]
+    path.write_text(json.dumps(meta))
+    code, out = cli(mirror.url, "--num-shards", "2")
+    assert code is None and "the one there is from an older prepare.py" in out
+    assert trained_from(cli.cache)["shards"] == ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_tokenizer_problem_reasons(small_tokenizer, tmp_path, monkeypatch):
+    _, tokenizer_dir = small_tokenizer  # trained from shards 0 and 1, 300 tokens
+    monkeypatch.setattr(prepare, "VOCAB_SIZE", 300)
+    two = ["shard_00000.parquet", "shard_00001.parquet"]
+    assert prepare.tokenizer_problem(str(tokenizer_dir), two) is None
+    assert prepare.tokenizer_problem(str(tokenizer_dir), two[:1]) is None
+    assert "trained from shard_00000.parquet .. shard_00001.parquet (2 shards)" in \
+        prepare.tokenizer_problem(str(tokenizer_dir), prepare.tokenizer_shards(3))
+    assert prepare.tokenizer_problem(str(tmp_path), two) == "there is none yet"
+    monkeypatch.setattr(prepare, "TOKENIZER_MAX_CHARS", 10**6)
+    assert "max_chars" in prepare.tokenizer_problem(str(tokenizer_dir), two)
+    assert prepare.tokenizer_shards(3) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    assert prepare.tokenizer_shards(prepare.MAX_SHARD) == [prepare.shard_filename(i) for i in range(10)]
+
+
+def test_cached_shard_damaged_inside_is_named_and_fetched_again(dest, mirror, mirror_folder, capsys):
+    assert prepare.download_data(1, 1, data_dir=str(dest), base_url=mirror.url) == []
+    write_shard_damaged_inside(str(dest / "shard_00000.parquet"), "flipped")  # footer intact
+    mirror.hits.clear()
+    capsys.readouterr()
+    assert prepare.download_data(1, 1, data_dir=str(dest), base_url=mirror.url) == []
+    assert mirror.hits == {"shard_00000.parquet": 1}
+    assert "shard_00000.parquet in the cache was damaged (row group 1 of 4 does not read" in capsys.readouterr().out
+    assert (dest / "shard_00000.parquet").read_bytes() == (mirror_folder / "shard_00000.parquet").read_bytes()
+
+
+def test_a_shard_that_goes_bad_later_is_named(tmp_path, toy_cache, tokenizer, monkeypatch):
+    """After prepare.py: the loader and the tokenizer's trainer fail naming the file, in one line."""
+    data = tmp_path / "data"
+    shutil.copytree(Path(toy_cache) / "data", data)
+    bad = data / "shard_00000.parquet"
+    write_shard_damaged_inside(str(bad), "zeros")
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    loader = prepare.make_dataloader(tokenizer, 2, 64, "train", device="cpu", num_workers=2)
+    out = call_with_timeout(lambda: [next(loader) for _ in range(1000)], timeout=60)
+    loader.close()
+    error = out.get("error")
+    assert isinstance(error, prepare.PrepareError), out
+    assert f"cannot read {bad} (row group 1: " in error.code and "\n" not in error.code
+    with pytest.raises(prepare.PrepareError, match="row group 1") as info:
+        list(prepare.text_iterator([str(bad)]))
+    assert str(bad) in info.value.code
+
+
+def test_data_url_checked(mirror_folder, tmp_path, monkeypatch):
+    assert prepare.check_data_url("http://127.0.0.1:8000/x") == "http://127.0.0.1:8000/x"
+    assert prepare.check_data_url("https://mirror.example/x/") == "https://mirror.example/x/"
+    assert prepare.check_data_url(mirror_folder.as_uri()) == mirror_folder.as_uri()
+    # the path of a folder is taken as that folder, relative paths too
+    assert prepare.check_data_url(str(mirror_folder)) == mirror_folder.as_uri()
+    monkeypatch.chdir(mirror_folder.parent)
+    assert prepare.check_data_url(mirror_folder.name) == mirror_folder.as_uri()
+    for bad in ["no/such/folder", "/no/such/folder", "ftp://mirror.example/x", "hf://datasets/x",
+                "file:///no/such/folder", "http:///no-host", "huggingface.co/datasets/x"]:
+        with pytest.raises(prepare.PrepareError) as info:
+            prepare.check_data_url(bad)
+        one_line_error(info.value.code, "AUTORESEARCH_DATA_URL", bad)
+
+
+def test_plain_folder_data_url_downloads(cli, mirror_folder):
+    code, out = cli(str(mirror_folder), "--num-shards", "1")
+    assert code is None, code
+    assert f"from {mirror_folder.as_uri()}" in out
+    assert sorted(os.listdir(cli.cache / "data")) == ["shard_00000.parquet", VAL]
+
+
+def test_bad_data_url_refused_before_any_download(cli):
+    t = time.time()
+    code, out = cli("mirrors/climbmix", "--num-shards", "40")
+    one_line_error(code, "AUTORESEARCH_DATA_URL=mirrors/climbmix", "nor an existing folder")
+    assert time.time() - t < 1 and out == ""
+    assert not cli.cache.exists()
+
+
+def test_cache_folder_that_is_a_file(cli, mirror):
+    cli.cache.write_text("not a folder")
+    code, _ = cli(mirror.url, "--num-shards", "1")
+    one_line_error(code, f"{cli.cache} is a file, not a folder", "AUTORESEARCH_CACHE_DIR")
+    assert sum(mirror.hits.values()) == 0
+
+
+def test_read_only_cache_folder(cli, mirror, monkeypatch):
+    """(Tests run as root, for whom permissions do not stop writes: a write there fails here as on
+    a read-only file system.)"""
+    (cli.cache / "data").mkdir(parents=True)
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(cli.cache)) and any(m in mode for m in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "open", read_only, raising=False)
+    code, _ = cli(mirror.url, "--num-shards", "1")
+    one_line_error(code, f"cannot write to the cache folder {cli.cache / 'data'} (Read-only file system)",
+                   "AUTORESEARCH_CACHE_DIR")
+    assert sum(mirror.hits.values()) == 0
+
+
+def test_full_disk_while_saving_the_tokenizer(cli, mirror, monkeypatch):
+    def half_then_full(obj, f):
+        f.write(json.dumps(obj)[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare.json, "dump", half_then_full)
+    code, out = cli(mirror.url, "--num-shards", "1")
+    one_line_error(code, f"cannot write the tokenizer to {cli.cache / 'tokenizer'} (No space left on device)")
+    assert os.listdir(cli.cache / "tokenizer") == []  # no half-written file, under any name
+
+
+def test_full_disk_while_downloading_stops_at_once(cli, mirror_folder, monkeypatch):
+    tried = []
+
+    def full(src, dst):
+        tried.append(os.path.basename(src))
+        Path(dst).write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare.shutil, "copyfile", full)
+    code, _ = cli(mirror_folder.as_uri(), "--num-shards", "3", "--download-workers", "1")
+    one_line_error(code, f"cannot write to the cache folder {cli.cache / 'data'} (No space left on device)")
+    assert tried == [VAL]  # neither retried nor another shard tried: the disk, not the mirror, failed
+    assert leftovers(cli.cache / "data") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporary files: names unique per writer, stale ones removed, the tokenizer replaced atomically
+
+
+def test_temp_names_are_unique_per_writer(tmp_path):
+    path = str(tmp_path / "shard_00000.parquet")
+    names = [prepare.temp_name(path) for _ in range(50)]
+    with ThreadPoolExecutor(4) as pool:
+        names += list(pool.map(lambda _: prepare.temp_name(path), range(50)))
+    assert len(set(names)) == 100
+    for name in names:
+        assert name.startswith(f"{path}.tmp.{prepare.HOST}.{os.getpid()}.")
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host, old = prepare.HOST, time.time() - 2 * prepare.STALE_TEMP_SECONDS
+    names = {
+        f"shard_00000.parquet.tmp.{host}.{os.getpid()}.1.0a0a0a0a": "kept",  # a live writer's
+        f"shard_00001.parquet.tmp.{host}.{gone.pid}.1.0b0b0b0b": "removed",  # a killed writer's
+        "shard_00002.parquet.tmp.elsewhere.123.1.0c0c0c0c": "kept",  # another host's, recent
+        "shard_00003.parquet.tmp.elsewhere.123.1.0d0d0d0d": "removed",  # another host's, old
+        "shard_00004.parquet.tmp.4242.777": "removed",  # an older prepare.py's, old
+        "tokenizer.json.tmp": "kept",  # an older prepare.py's, recent
+        "shard_00005.parquet": "kept",
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("shard_00003.parquet.tmp.elsewhere.123.1.0d0d0d0d", "shard_00004.parquet.tmp.4242.777"):
+        os.utime(tmp_path / name, (old, old))
+    assert prepare.remove_temp_files(str(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, fate in names.items() if fate == "kept")
+    assert prepare.remove_temp_files(str(tmp_path), ours=True) == 1  # this process's own, after Ctrl-C
+    assert f"shard_00000.parquet.tmp.{host}.{os.getpid()}.1.0a0a0a0a" not in os.listdir(tmp_path)
+    assert prepare.remove_temp_files(str(tmp_path / "not there")) == 0
+
+
+def save_tokenizers(folder, vocab_size, times):
+    """In a writer process: save a tokenizer of `vocab_size` tokens `times` times into `folder`."""
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({i.to_bytes(3, "big"): 256 + i for i in range(vocab_size - len(prepare.SPECIAL_TOKENS) - 256)})
+    for _ in range(times):
+        prepare.save_tokenizer(ranks, prepare.SPLIT_PATTERN, folder, {"shards": [], "vocab_size": vocab_size})
+
+
+def test_concurrent_tokenizer_writers_and_a_reader(tmp_path):
+    """Two processes save different tokenizers into one folder, over and over, while this one
+    loads: every load is whole and consistent (token_bytes of the same tokenizer), no writer
+    fails, and no temporary file is left."""
+    folder = str(tmp_path / "tokenizer")
+    save_tokenizers(folder, 1000, 1)
+    fork = multiprocessing.get_context("fork")
+    writers = [fork.Process(target=save_tokenizers, args=(folder, vocab_size, 100)) for vocab_size in (1000, 2000)]
+    for writer in writers:
+        writer.start()
+    seen, errors = collections.Counter(), []
+    while any(writer.is_alive() for writer in writers):
+        try:
+            tok = prepare.Tokenizer.from_directory(folder)
+            assert len(tok.token_bytes) == tok.get_vocab_size() == tok.trained_from["vocab_size"]
+            assert len(prepare.get_token_bytes("cpu", folder)) in (1000, 2000)
+            seen[tok.get_vocab_size()] += 1
+        except BaseException as e:  # noqa: BLE001 - counted, and shown below
+            errors.append(repr(e))
+    for writer in writers:
+        writer.join()
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert errors == []
+    assert set(seen) == {1000, 2000}, seen  # the writers did take turns under the reader
+    assert os.listdir(folder) == ["tokenizer.json"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,10 +782,9 @@ def test_cli_rejects_bad_value(case, monkeypatch, capsys):
 
 def test_all_shards_means_every_training_shard_and_the_validation_shard_once(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(prepare, "download_shard", lambda index, *a: asked.append(index) or ("present", 1))
-    paths = prepare.download_data(-1, 8, data_dir=str(tmp_path), base_url="http://127.0.0.1:9/")
+    monkeypatch.setattr(prepare, "download_shard", lambda index, *a: asked.append(index) or ("present", 1, None))
+    assert prepare.download_data(-1, 8, data_dir=str(tmp_path), base_url="http://127.0.0.1:9/") == []
     assert sorted(asked) == list(range(prepare.MAX_SHARD)) + [prepare.VAL_SHARD]
-    assert len(paths) == prepare.MAX_SHARD and prepare.VAL_FILENAME not in {os.path.basename(p) for p in paths}
 
 
 def test_cli_values_parse():
@@ -517,17 +876,20 @@ def test_tokenizer_that_loses_text_is_refused(tmp_path, monkeypatch):
 
 
 def test_tokenizer_files_are_plain_data(small_tokenizer):
-    _, tokenizer_dir = small_tokenizer
-    assert sorted(os.listdir(tokenizer_dir)) == ["token_bytes.npy", "tokenizer.json"]
+    """One JSON file holds it all, the token_bytes lookup included: it is replaced in one rename,
+    so a reader never sees a tokenizer with another tokenizer's token_bytes."""
+    tok, tokenizer_dir = small_tokenizer
+    assert os.listdir(tokenizer_dir) == ["tokenizer.json"]
     with open(tokenizer_dir / "tokenizer.json") as f:
         meta = json.load(f)
     assert meta["pattern"] == prepare.SPLIT_PATTERN
     assert meta["special_tokens"] == {s: 296 + i for i, s in enumerate(prepare.SPECIAL_TOKENS)}
     assert len(meta["mergeable_ranks"]) == 296
-    arr = np.load(tokenizer_dir / "token_bytes.npy", allow_pickle=False)
-    assert arr.dtype.kind == "i" and arr.shape == (300,)
-    for path in tokenizer_dir.iterdir():
-        assert not path.read_bytes().startswith(b"\x80")  # no pickle protocol header
+    assert len(meta["token_bytes"]) == 300 and meta["token_bytes"][296:] == [0, 0, 0, 0]
+    # what it was trained from: the shards, the vocabulary size and the character caps
+    assert meta["trained_from"] == {"shards": ["shard_00000.parquet", "shard_00001.parquet"], "vocab_size": 300,
+                                    "max_chars": prepare.TOKENIZER_MAX_CHARS, "doc_chars": prepare.TOKENIZER_DOC_CHARS}
+    assert tok.trained_from == meta["trained_from"]
 
 
 def test_tokenizer_save_that_fails_midway_leaves_the_last_complete_one(tmp_path, small_tokenizer, monkeypatch):
@@ -542,8 +904,9 @@ def test_tokenizer_save_that_fails_midway_leaves_the_last_complete_one(tmp_path,
     monkeypatch.setattr(prepare.json, "dump", half_then_fail)
     for folder in (tmp_path / "tok", tmp_path / "new"):
         with pytest.raises(OSError, match="disk full"):
-            prepare.save_tokenizer(ranks, prepare.SPLIT_PATTERN, str(folder))
-    assert "tokenizer.json" not in os.listdir(tmp_path / "new")
+            prepare.save_tokenizer(ranks, prepare.SPLIT_PATTERN, str(folder), {})
+    assert os.listdir(tmp_path / "new") == []  # not even the temporary file
+    assert os.listdir(tmp_path / "tok") == ["tokenizer.json"]
     kept = prepare.Tokenizer.from_directory(str(tmp_path / "tok"))
     assert kept.get_vocab_size() == tok.get_vocab_size() == 300
     assert prepare.get_token_bytes("cpu", str(tmp_path / "tok")).tolist() == \
@@ -565,7 +928,8 @@ def test_tokenizer_missing(tmp_path):
         prepare.get_token_bytes("cpu", str(tmp_path))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "binary", "wrong_shape", "wrong_specials"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "binary", "wrong_shape", "wrong_specials",
+                                    "token_bytes_short", "token_bytes_wrong", "token_bytes_missing"])
 def test_tokenizer_damaged(tmp_path, small_tokenizer, damage):
     _, tokenizer_dir = small_tokenizer
     bad = tmp_path / "tokenizer"
@@ -582,26 +946,38 @@ def test_tokenizer_damaged(tmp_path, small_tokenizer, damage):
         path.write_text("[1, 2, 3]")
     else:
         meta = json.loads(text)
-        meta["special_tokens"] = {"<|endoftext|>": 296}
+        if damage == "wrong_specials":
+            meta["special_tokens"] = {"<|endoftext|>": 296}
+        elif damage == "token_bytes_short":
+            meta["token_bytes"] = meta["token_bytes"][:-1]
+        elif damage == "token_bytes_wrong":
+            meta["token_bytes"][300 // 2] += 1
+        else:
+            del meta["token_bytes"]
         path.write_text(json.dumps(meta))
-    with pytest.raises(prepare.PrepareError, match=r"damaged.*uv run prepare\.py"):
-        prepare.Tokenizer.from_directory(str(bad))
+    for load in (lambda: prepare.Tokenizer.from_directory(str(bad)), lambda: prepare.get_token_bytes("cpu", str(bad))):
+        with pytest.raises(prepare.PrepareError, match=r"damaged.*uv run prepare\.py"):
+            load()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "pickle", "missing"])
-def test_token_bytes_damaged(tmp_path, small_tokenizer, damage):
+@pytest.mark.parametrize("record", ["none", "other_pattern"])
+def test_tokenizer_from_other_data_is_refused(tmp_path, small_tokenizer, record):
+    """train.py refuses, in one line, a tokenizer that does not say what it was trained from (an
+    older prepare.py's) or that splits text with another pattern."""
     _, tokenizer_dir = small_tokenizer
     bad = tmp_path / "tokenizer"
     shutil.copytree(tokenizer_dir, bad)
-    path = bad / "token_bytes.npy"
-    if damage == "truncated":
-        path.write_bytes(path.read_bytes()[:70])
-    elif damage == "pickle":  # a shared cache must not run code on load
-        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    meta = json.loads((bad / "tokenizer.json").read_text())
+    if record == "none":
+        del meta["trained_from"]
     else:
-        path.unlink()
-    with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py"):
-        prepare.get_token_bytes("cpu", str(bad))
+        meta["pattern"] = meta["pattern"].replace(r"\p{N}{1,2}", r"\p{N}{1,3}")
+        assert meta["pattern"] != prepare.SPLIT_PATTERN
+    (bad / "tokenizer.json").write_text(json.dumps(meta))
+    message = "older prepare.py" if record == "none" else "another split pattern"
+    with pytest.raises(prepare.PrepareError, match=rf"{message}.*uv run prepare\.py") as info:
+        prepare.Tokenizer.from_directory(str(bad))
+    assert "\n" not in info.value.code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1043,6 +1419,12 @@ def runs(tmp_path_factory):
     jobs["unreachable"] = lambda: timed_run(["-c", FAST_RETRY_MAIN, "--num-shards", "4", "--download-workers", "2"],
                                             root / "c3", closed_port_url())
     jobs["import"] = lambda: timed_run(["-c", IMPORT_CHECK], root / "not created", closed_port_url())
+
+    def cache_is_a_file():
+        (root / "cache file").write_text("not a folder")
+        return timed_run(["prepare.py"], root / "cache file", closed_port_url())
+
+    jobs["cache is a file"] = cache_is_a_file
     for case in CLI_SUBPROCESS_CASES:
         args = CLI_CASES[case][0]
         jobs[f"cli {case}"] = lambda args=args: timed_run(["prepare.py", *args], root / "cli cache", closed_port_url())
@@ -1068,14 +1450,19 @@ def test_file_then_http_mirror_and_cache_dir_from_env(runs):
     assert "1/1 training shards and the validation shard ready" in p.stdout
     assert first["hits"] == {}  # the HTTP server was not involved
     assert first["tokenizer.json"] is not None
-    # 2) http:// mirror, one more shard: only the new shard is fetched, the tokenizer is kept
+    # 2) http:// mirror, one more shard: only the new shard is fetched; the tokenizer, trained
+    #    from shard 0 alone, is trained again from both (it trains from the first 10), saying why
     p = second["p"]
     assert p.returncode == 0, p.stdout + p.stderr
     assert second["url"] in p.stdout
     assert second["hits"] == {"shard_00001.parquet": 1}
     assert "2/2 training shards and the validation shard ready" in p.stdout
-    assert "Tokenizer: already trained" in p.stdout
-    assert (cache / "tokenizer" / "tokenizer.json").read_bytes() == first["tokenizer.json"]
+    assert json.loads(first["tokenizer.json"])["trained_from"]["shards"] == ["shard_00000.parquet"]
+    assert "Tokenizer: training from shard_00000.parquet .. shard_00001.parquet (2 shards): " \
+           "the one there was trained from shard_00000.parquet" in p.stdout
+    assert json.loads((cache / "tokenizer" / "tokenizer.json").read_text())["trained_from"] == \
+        {"shards": ["shard_00000.parquet", "shard_00001.parquet"], "vocab_size": prepare.VOCAB_SIZE,
+         "max_chars": prepare.TOKENIZER_MAX_CHARS, "doc_chars": prepare.TOKENIZER_DOC_CHARS}
     names = sorted(os.listdir(data))
     assert names == ["shard_00000.parquet", "shard_00001.parquet", VAL]  # shard 2 was not asked for
     for name in names:
@@ -1097,10 +1484,19 @@ def test_cli_rejects_bad_value_subprocess(runs, case):
 
 def test_missing_validation_shard_exits_nonzero(runs):
     run = runs["missing val"]
-    assert_clean_failure(run["p"], VAL, "validation")
+    assert_clean_failure(run["p"], VAL, "validation", "AUTORESEARCH_DATA_URL")
     assert run["hits"][VAL] == 1  # a 404 is final
     assert f"missing {VAL}" in run["p"].stdout
-    assert not (run["cache"] / "tokenizer").exists()  # stopped before training
+    assert "Done" not in run["p"].stdout
+    # the tokenizer needs only training shards: it was trained from both
+    assert json.loads((run["cache"] / "tokenizer" / "tokenizer.json").read_text())["trained_from"]["shards"] == \
+        ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_cache_that_is_a_file_refused_in_one_line(runs):
+    run = runs["cache is a file"]
+    assert_clean_failure(run["p"], f"{run['cache']} is a file, not a folder", "AUTORESEARCH_CACHE_DIR")
+    assert "prepare.py` first" not in run["p"].stdout + run["p"].stderr
 
 
 def test_unreachable_mirror_one_message(runs):
@@ -1118,3 +1514,79 @@ def test_import_needs_no_gpu_network_or_disk(runs):
     assert run["p"].stdout.strip() == "imported 8192 2048"
     assert run["seconds"] < 30
     assert not run["cache"].exists()  # importing creates no cache folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals sent to a real `prepare.py`: one Ctrl-C stops it; the next run cleans up after a kill
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory):
+    """Two `prepare.py --num-shards 20 --download-workers 2`, each against its own mirror that
+    sends half of each shard and stalls. Once both transfers of each are in flight (the
+    validation shard's and shard 0's temporary files on disk), one gets SIGINT, and half a
+    second later its mirror sends the rest of the validation shard, but never of shard 0; the
+    other gets SIGKILL."""
+    root = tmp_path_factory.mktemp("signals")
+    folder = make_mirror_folder(root / "mirror", n_train=3)
+    mirrors = {how: Mirror(folder) for how in ("int", "kill")}
+    procs = {}
+    try:
+        for how, mirror in mirrors.items():
+            mirror.always.update({name: "stall" for name in os.listdir(folder)})
+            mirror.always["shard_00000.parquet"] = "hang"
+            procs[how] = subprocess.Popen(
+                [sys.executable, "prepare.py", "--num-shards", "20", "--download-workers", "2"], cwd=ROOT,
+                env=subprocess_env(root / how, mirror.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for how in procs:
+            data = root / how / "data"
+            wait_for(lambda: data.is_dir() and len(leftovers(data)) == 2)
+        p, mirror = procs["int"], mirrors["int"]
+        hits = sum(mirror.hits.values())
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        mirror.release.set()  # that transfer could go on now, and new ones start: they must not
+        stdout, stderr = p.communicate(timeout=30)
+        interrupted = {"returncode": p.returncode, "stdout": stdout, "stderr": stderr, "seconds": time.time() - t0,
+                       "hits before": hits, "hits after": sum(mirror.hits.values()), "data": root / "int" / "data"}
+        procs["kill"].kill()
+        procs["kill"].communicate(timeout=30)
+        killed = {"cache": root / "kill", "left": leftovers(root / "kill" / "data"), "mirror": folder}
+        return {"int": interrupted, "kill": killed}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        for mirror in mirrors.values():
+            mirror.close()
+
+
+def test_one_ctrl_c_stops_prepare(signalled):
+    run = signalled["int"]
+    assert run["returncode"] == 130, run
+    assert run["seconds"] < 5, run
+    assert "Traceback" not in run["stderr"]
+    lines = [line for line in run["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), run["stderr"]
+    assert run["hits before"] == run["hits after"] == 2  # the two in flight, and no new request
+    assert leftovers(run["data"]) == []  # the one that went on, and the one still stuck in the network
+    assert "Done" not in run["stdout"]
+
+
+def test_next_run_removes_a_killed_runs_temporary_files(signalled, cli):
+    run = signalled["kill"]
+    assert sorted(name.split(".tmp.")[0] for name in run["left"]) == ["shard_00000.parquet", VAL], run["left"]
+    cli.cache = run["cache"]
+    code, out = cli(run["mirror"].as_uri(), "--num-shards", "1")
+    assert code is None, code
+    assert "Cache: removed 2 temporary files left by an interrupted run" in out
+    assert sorted(os.listdir(run["cache"] / "data")) == ["shard_00000.parquet", VAL]

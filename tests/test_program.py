@@ -261,7 +261,7 @@ def test_rehearsal(program, toy_cache, tmp_path):
     assert sh(program.checkout).returncode != 0  # the tag is taken now: the same command must refuse
     assert git("branch", "--show-current") == tag_branch
     listing = sh(program.cache, check=True).stdout
-    for name in ("shard_06542.parquet", "shard_00000.parquet", "tokenizer.json", "token_bytes.npy"):
+    for name in ("shard_06542.parquet", "shard_00000.parquet", "tokenizer.json"):
         assert name in listing, listing
     sh(program.header, check=True)
     with open(os.path.join(repo, "results.tsv")) as f:
