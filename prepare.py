@@ -20,6 +20,8 @@ import argparse
 import atexit
 import base64
 import bisect
+import ctypes
+import faulthandler
 import itertools
 import json
 import math
@@ -27,6 +29,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -40,6 +43,10 @@ import pyarrow.parquet as pq
 import requests
 import tiktoken
 import torch
+
+# a fatal signal (SIGSEGV, SIGFPE, SIGABRT, ...) prints its name and the Python stack of the thread
+# that got it, the last lines of the log (the other threads' stacks would bury the cause)
+faulthandler.enable(all_threads=False)
 
 # ---------------------------------------------------------------------------------------------
 # Constants (fixed: their names are part of the interface)
@@ -378,9 +385,27 @@ def list_shards(split, data_dir=None):
 _worker_encoding = None  # each tokenizer worker's tiktoken.Encoding
 
 
-def _init_worker(encoding):
+def _init_worker(encoding, parent_pid=None):
+    """Set up a tokenizer worker (a thread, or a process forked by `parent_pid`). A worker process
+    must never print over the cause of a crash: it leaves Ctrl-C to the training process and dies
+    with it; in the moment before, a result sent to the dead process kills it quietly (SIGPIPE)
+    instead of printing a BrokenPipeError traceback."""
     global _worker_encoding
     _worker_encoding = encoding
+    if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid):
+    """Linux: have the kernel SIGKILL this process when the thread that forked it ends (the
+    dataloader's thread, or the whole training process when it dies), and exit now when the parent
+    is already gone."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def encode_documents(texts):
@@ -397,8 +422,10 @@ def document_batches(tokenizer, split, num_workers):
     number ahead of the consumer; their results are taken in order. Small slices keep every worker
     busy from the first batch on."""
     paths = list_shards(split)
-    make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
-    with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
+    forked = sys.platform == "linux"
+    make_pool = multiprocessing.get_context("fork").Pool if forked else ThreadPool
+    init_args = (tokenizer.enc, os.getpid()) if forked else (tokenizer.enc,)
+    with make_pool(num_workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
         try:
             for epoch in itertools.count(1):

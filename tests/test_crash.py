@@ -1,0 +1,209 @@
+"""A crash explains itself in the last lines of run.log.
+
+Toy-size copies of train.py run as subprocesses, their output in run.log as with
+`uv run train.py > run.log 2>&1`: they die in mid-training (an exception, SIGFPE, Ctrl-C). The
+dataloader's worker set-up is also tested on its own."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import prepare
+from conftest import ROOT, edit, make_toy_repo, rewrite_constants, toy_env
+
+CRASHES = {  # name -> what the toy train.py does at step 3 (for "sigint", the test presses Ctrl-C)
+    "raise": "raise RuntimeError('boom at step 3')",
+    "sigfpe": "os.kill(os.getpid(), signal.SIGFPE)",
+    "sigint": "print('at step 3', flush=True)",
+}
+
+
+def crash_at_step_3(repo, code):
+    edit(os.path.join(repo, "train.py"), "    step += 1\n",
+         f"    step += 1\n    if step == 3:\n        import os, signal\n        {code}\n")
+
+
+def slow_workers(repo):
+    """Tokenizing slower than training (two documents a task, 0.2 s each), so that the dataloader's
+    workers are mid-task whenever the training process dies: then they used to print, after the
+    cause, a BrokenPipeError traceback each (sending the result to a dead process), or a
+    KeyboardInterrupt one (Ctrl-C reaches the whole process group)."""
+    path = os.path.join(repo, "prepare.py")
+    rewrite_constants(path, {"TASK_DOCS": "2", "DOC_BUFFER": "8"})
+    edit(path, "def encode_documents(texts):\n", "def encode_documents(texts):\n    time.sleep(0.2)\n")
+
+
+def group_alive(pgid):
+    """Pids of the live (not zombie) processes of process group `pgid`."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(pid))
+    return alive
+
+
+class Run:
+    """train.py in `repo`, in a session of its own (so that its process group is it and its
+    dataloader's workers, like the foreground job of a shell), its output in run.log."""
+
+    def __init__(self, repo, env):
+        self.log_path = os.path.join(repo, "run.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_for(self, text, timeout=180):
+        deadline = time.time() + timeout
+        while text not in self.log():
+            assert self.proc.poll() is None, f"train.py ended before printing {text!r}:\n{self.log()[-3000:]}"
+            assert time.time() < deadline, f"no {text!r} within {timeout}s"
+            time.sleep(0.1)
+
+    def result(self, timeout=180):
+        """(exit status, run.log, seconds any worker outlived train.py), once every process of the
+        group has ended: what a worker prints after train.py's death is in the log too."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"train.py ran over {timeout}s:\n{self.log()[-3000:]}")
+        t = time.time()
+        while group_alive(self.proc.pid) and time.time() - t < 10:
+            time.sleep(0.05)
+        return rc, self.log(), time.time() - t
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(toy_cache, tmp_path_factory):
+    base = tmp_path_factory.mktemp("crash_runs")
+    started = {}
+    try:
+        for name, code in CRASHES.items():
+            repo = make_toy_repo(str(base / name), time_budget=60)  # the crash comes long before the end
+            crash_at_step_3(repo, code)
+            slow_workers(repo)
+            started[name] = Run(repo, toy_env())
+        yield started
+    finally:
+        for run in started.values():
+            run.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_runs_early(request):
+    """Start the runs with the module's first test when a test that needs them is selected, so
+    that they overlap with the in-process tests."""
+    if any(item.module is request.module and "runs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("runs")
+
+
+# ---------------------------------------------------------------------------------------------
+# A crash explains itself
+
+
+@pytest.mark.parametrize("crash", list(CRASHES))
+def test_a_crash_explains_itself_in_the_last_lines(runs, crash):
+    run = runs[crash]
+    if crash == "sigint":
+        run.wait_for("at step 3")
+        os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C: the training process and its workers get it
+    rc, log, lingered = run.result()
+    lines = log.splitlines()
+    assert any(line.startswith("step 00002 ") for line in lines), log[-3000:]  # it died in mid-training
+    tail = "\n".join(lines[-10:])
+    if crash == "raise":
+        assert rc == 1, log[-3000:]
+        assert lines[-1] == "RuntimeError: boom at step 3", tail
+    elif crash == "sigfpe":
+        assert rc == -signal.SIGFPE, log[-3000:]
+        fatal = lines.index("Fatal Python error: Floating point exception")
+        assert fatal >= len(lines) - 10, tail
+        assert any("train.py" in line and "in <module>" in line for line in lines[fatal:]), tail  # the Python stack
+        assert "Traceback" not in log
+    else:
+        assert rc == -signal.SIGINT, log[-3000:]
+        assert lines[-1] == "KeyboardInterrupt", tail
+    assert log.count("Traceback") == (0 if crash == "sigfpe" else 1), log[-5000:]  # the workers printed none
+    assert "BrokenPipeError" not in log and "ForkPoolWorker" not in log, log[-5000:]
+    assert lingered < 3, f"the dataloader's workers outlived train.py by {lingered:.1f}s"
+
+
+WORKER = """
+import os, signal, sys, time
+import prepare
+
+parent = os.getpid()
+
+
+def forked_worker(then):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        prepare._init_worker(None, parent)
+        os.write(ready_w, b"1")
+        then()
+        os._exit(0)
+    os.read(ready_r, 1)  # set up
+    return pid
+
+
+def write_to_closed_pipe():
+    r, w = os.pipe()
+    os.close(r)
+    os.write(w, b"result")
+
+
+_, status = os.waitpid(forked_worker(write_to_closed_pipe), 0)
+print("closed pipe:", os.WIFSIGNALED(status) and signal.Signals(os.WTERMSIG(status)).name, flush=True)
+sleeper = forked_worker(lambda: time.sleep(60))
+os.kill(sleeper, signal.SIGINT)
+time.sleep(0.5)
+print("after SIGINT:", "running" if os.waitpid(sleeper, os.WNOHANG) == (0, 0) else "ended", flush=True)
+print("sleeper:", sleeper, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def test_a_worker_process_leaves_ctrl_c_to_its_parent_dies_with_it_and_quietly():
+    r = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    lines = dict(line.split(": ") for line in r.stdout.splitlines())
+    assert lines["closed pipe"] == "SIGPIPE", r.stdout  # killed by SIGPIPE, not a BrokenPipeError traceback
+    assert lines["after SIGINT"] == "running", r.stdout
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+    sleeper, t = int(lines["sleeper"]), time.time()
+    while os.path.exists(f"/proc/{sleeper}") and time.time() - t < 5:
+        with open(f"/proc/{sleeper}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    assert time.time() - t < 3, "a worker asleep for a minute should die with its parent"
+
+
+def test_thread_workers_keep_the_signal_handlers(tokenizer):
+    """Without fork (not Linux), the workers are threads of the training process: nothing to set."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGPIPE)
+    prepare._init_worker(tokenizer.enc)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGPIPE)) == before
+    assert prepare._worker_encoding is tokenizer.enc
