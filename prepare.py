@@ -315,7 +315,7 @@ class Tokenizer:
         tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.exists(path):
-            raise PrepareError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py` first")
+            raise PrepareError(f"no tokenizer in {tokenizer_dir} {missing_cache_hint()}")
         try:
             with open(path) as f:
                 meta = json.load(f)
@@ -324,9 +324,12 @@ class Tokenizer:
                                     special_tokens=meta["special_tokens"])
             if sorted(meta["special_tokens"]) != sorted(SPECIAL_TOKENS):
                 raise ValueError("unexpected special tokens")
+            if sorted([*ranks.values(), *meta["special_tokens"].values()]) != list(range(enc.n_vocab)):
+                raise ValueError("token ids are not 0 .. vocab size - 1, each once")
         except Exception as e:
             raise PrepareError(f"the tokenizer in {tokenizer_dir} is damaged ({type(e).__name__}): "
                                "run `uv run prepare.py` to rebuild it") from None
+        check_token_bytes(ranks, get_token_bytes("cpu", tokenizer_dir).numpy(), tokenizer_dir)
         return cls(enc)
 
     def get_vocab_size(self):
@@ -359,6 +362,33 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
     return torch.from_numpy(token_bytes.astype(np.int64)).to(device)
 
 
+def check_token_bytes(ranks, token_bytes, tokenizer_dir):
+    """evaluate_bpb counts the bytes of each target token in token_bytes: it needs one entry per
+    token id, the length of the token's bytes for an ordinary token and 0 for a special one. Checked
+    when the tokenizer is loaded, so a mismatch stops a run before training, not at evaluation."""
+    expected = np.zeros(len(ranks) + len(SPECIAL_TOKENS), dtype=np.int64)  # special tokens: the last ids
+    for tok, rank in ranks.items():
+        expected[rank] = len(tok)
+    fix = "run `uv run prepare.py` to rebuild the tokenizer"
+    where = os.path.join(tokenizer_dir, "token_bytes.npy")
+    if token_bytes.shape != expected.shape:
+        raise PrepareError(f"{where} has shape {token_bytes.shape}, but the tokenizer has {len(expected)} tokens: {fix}")
+    wrong = np.flatnonzero(token_bytes != expected)
+    if wrong.size:
+        i = wrong[0]
+        raise PrepareError(f"{where} disagrees with tokenizer.json on {wrong.size} token(s), the first "
+                           f"token {i} ({token_bytes[i]} bytes instead of {expected[i]}): {fix}")
+
+
+def missing_cache_hint():
+    """The end of a message about a missing tokenizer or missing shards: where the folder came from
+    and the two fixes (a shell without AUTORESEARCH_CACHE_DIR looks in the default cache)."""
+    cache = os.environ.get("AUTORESEARCH_CACHE_DIR")
+    origin = f"AUTORESEARCH_CACHE_DIR={cache}" if cache else \
+        "AUTORESEARCH_CACHE_DIR is unset, so the default ~/.cache/autoresearch is used"
+    return f"({origin}): run `uv run prepare.py`, or set AUTORESEARCH_CACHE_DIR to the cache prepare.py filled"
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataloader
 
@@ -378,8 +408,21 @@ def list_shards(split, data_dir=None):
     names = [n for n in names if n != VAL_FILENAME] if split == "train" else [n for n in names if n == VAL_FILENAME]
     if not names:
         what = "training shards" if split == "train" else f"validation shard {VAL_FILENAME}"
-        raise PrepareError(f"no {what} in {data_dir}: run `uv run prepare.py` first")
+        raise PrepareError(f"no {what} in {data_dir} {missing_cache_hint()}")
     return [os.path.join(data_dir, n) for n in names]
+
+
+def check_val_shard(data_dir=None):
+    """The final evaluation reads the validation shard: fail before training, not after it, when
+    the shard is missing or unreadable (its footer, its last and its first row group)."""
+    path = list_shards("val", data_dir)[0]
+    try:
+        verify_shard(path)
+        pq.ParquetFile(path).read_row_group(0, columns=["text"])
+    except Exception as e:  # ValueError from verify_shard; pyarrow raises several types
+        cause = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise PrepareError(f"the validation shard {path} is unreadable ({cause}): "
+                           "delete it and run `uv run prepare.py` to download it again") from None
 
 
 _worker_encoding = None  # each tokenizer worker's tiktoken.Encoding
@@ -504,6 +547,8 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     device = torch.device(device) if device is not None else default_device()
     num_workers = num_workers or os.cpu_count() or 4
     list_shards(split)  # fail here, with the cause, rather than in the background thread
+    if split == "train":  # a training run: also check what its final evaluation will need
+        check_val_shard()
     pin = device.type == "cuda"
     ready = queue.Queue(maxsize=4)
     stop = threading.Event()

@@ -1,9 +1,11 @@
-"""A crash explains itself in the last lines of run.log.
+"""A crash explains itself in the last lines of run.log, and a run that cannot finish stops before
+training.
 
 Toy-size copies of train.py run as subprocesses, their output in run.log as with
-`uv run train.py > run.log 2>&1`: they die in mid-training (an exception, SIGFPE, Ctrl-C). The
-dataloader's worker set-up is also tested on its own."""
+`uv run train.py > run.log 2>&1`: three die in mid-training (an exception, SIGFPE, Ctrl-C), three
+start on a broken cache. The harness's checks and its worker set-up are also tested in-process."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,10 +13,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import prepare
-from conftest import ROOT, edit, make_toy_repo, rewrite_constants, toy_env
+from conftest import ROOT, edit, make_docs, make_toy_repo, rewrite_constants, toy_env, write_shard
 
 CRASHES = {  # name -> what the toy train.py does at step 3 (for "sigint", the test presses Ctrl-C)
     "raise": "raise RuntimeError('boom at step 3')",
@@ -36,6 +41,24 @@ def slow_workers(repo):
     path = os.path.join(repo, "prepare.py")
     rewrite_constants(path, {"TASK_DOCS": "2", "DOC_BUFFER": "8"})
     edit(path, "def encode_documents(texts):\n", "def encode_documents(texts):\n    time.sleep(0.2)\n")
+
+
+def no_cache_variable(cache, env):
+    """The agent's shell without AUTORESEARCH_CACHE_DIR: train.py looks in ~/.cache/autoresearch."""
+    del env["AUTORESEARCH_CACHE_DIR"]
+    env["HOME"] = os.path.join(cache, "home")
+
+
+def no_val_shard(cache, env):
+    os.remove(os.path.join(cache, "data", prepare.VAL_FILENAME))
+
+
+def short_token_bytes(cache, env):
+    path = os.path.join(cache, "tokenizer", "token_bytes.npy")
+    np.save(path, np.load(path)[:-1])
+
+
+BROKEN_CACHES = {f.__name__: f for f in (no_cache_variable, no_val_shard, short_token_bytes)}
 
 
 def group_alive(pgid):
@@ -104,6 +127,13 @@ def runs(toy_cache, tmp_path_factory):
             crash_at_step_3(repo, code)
             slow_workers(repo)
             started[name] = Run(repo, toy_env())
+        for name, damage in BROKEN_CACHES.items():
+            repo = make_toy_repo(str(base / name))
+            env = toy_env()
+            env["AUTORESEARCH_CACHE_DIR"] = cache = str(base / name / "cache")
+            shutil.copytree(toy_cache, cache)
+            damage(cache, env)
+            started[name] = Run(repo, env)
         yield started
     finally:
         for run in started.values():
@@ -207,3 +237,138 @@ def test_thread_workers_keep_the_signal_handlers(tokenizer):
     prepare._init_worker(tokenizer.enc)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGPIPE)) == before
     assert prepare._worker_encoding is tokenizer.enc
+
+
+# ---------------------------------------------------------------------------------------------
+# Fail fast: what the final evaluation needs, checked before training
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_CACHES))
+def test_a_broken_cache_stops_the_run_before_training(runs, broken, tmp_path_factory):
+    rc, log, _ = runs[broken].result()
+    lines = log.splitlines()
+    assert rc == 1, log[-3000:]
+    assert "Traceback" not in log
+    assert not any(line.startswith(("startup:", "step ")) for line in lines), log
+    cause = lines[-1]
+    assert cause.startswith("error: "), log
+    cache = os.path.join(os.path.dirname(runs[broken].log_path), "cache")
+    if broken == "no_cache_variable":
+        assert lines == [cause]  # the tokenizer is loaded first
+        assert cause.startswith(f"error: no tokenizer in {cache}/home/.cache/autoresearch/tokenizer "
+                                "(AUTORESEARCH_CACHE_DIR is unset, so the default ~/.cache/autoresearch is used): "), cause
+        assert "run `uv run prepare.py`, or set AUTORESEARCH_CACHE_DIR" in cause
+    elif broken == "no_val_shard":
+        assert cause.startswith(f"error: no validation shard {prepare.VAL_FILENAME} in {cache}/data "
+                                f"(AUTORESEARCH_CACHE_DIR={cache}): "), cause
+    else:
+        assert lines == [cause]
+        assert "token_bytes.npy has shape (319,), but the tokenizer has 320 tokens" in cause, cause
+        assert "uv run prepare.py" in cause
+
+
+def test_no_data_names_the_folder_and_the_cache_variable(tmp_path, monkeypatch):
+    folder = str(tmp_path / "data")
+    monkeypatch.delenv("AUTORESEARCH_CACHE_DIR")
+    for split in ("train", "val"):
+        with pytest.raises(prepare.PrepareError) as info:
+            prepare.list_shards(split, folder)
+        message = str(info.value.code)
+        assert f" in {folder} (AUTORESEARCH_CACHE_DIR is unset, so the default ~/.cache/autoresearch is used): " in message
+        assert message.endswith("run `uv run prepare.py`, or set AUTORESEARCH_CACHE_DIR to the cache prepare.py filled")
+    monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path))
+    with pytest.raises(prepare.PrepareError, match=rf"^error: no training shards in {folder} \(AUTORESEARCH_CACHE_DIR={tmp_path}\): "):
+        prepare.list_shards("train", folder)
+    with pytest.raises(prepare.PrepareError, match=rf"^error: no tokenizer in {tmp_path} \(AUTORESEARCH_CACHE_DIR={tmp_path}\): "):
+        prepare.Tokenizer.from_directory(str(tmp_path))
+
+
+def overwrite(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+VAL_DAMAGE = {
+    "missing": os.remove,
+    "truncated": truncate,
+    "garbage": lambda path: overwrite(path, 0, b"not parquet" * 1000),
+    "no_text_column": lambda path: pq.write_table(pa.table({"body": ["a", "b"]}), path),
+    # the start of the first row group's data: the footer and the last row group stay readable
+    "first_row_group": lambda path: overwrite(path, 4, bytes(range(256)) * 2),
+}
+
+
+@pytest.mark.parametrize("damage", list(VAL_DAMAGE))
+def test_check_val_shard(tmp_path, damage):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = str(data / prepare.VAL_FILENAME)
+    write_shard(path, make_docs(seed=7, n_docs=200))  # 4 row groups
+    assert prepare.check_val_shard(str(data)) is None
+    VAL_DAMAGE[damage](path)
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.check_val_shard(str(data))
+    message = str(info.value.code)
+    assert "\n" not in message and str(data) in message and "uv run prepare.py" in message, message
+    assert prepare.VAL_FILENAME in message
+
+
+def test_the_training_loader_checks_the_val_shard_first(tmp_path, tokenizer, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(str(data / prepare.shard_filename(0)), make_docs(seed=1, n_docs=60))
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    with pytest.raises(prepare.PrepareError, match="no validation shard"):
+        next(prepare.make_dataloader(tokenizer, 2, 16, "train", device="cpu"))
+    loader = prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu")  # evaluation itself: no such check
+    with pytest.raises(prepare.PrepareError, match="no validation shard"):
+        next(loader)
+
+
+def rewrite_token_bytes(folder, change):
+    path = os.path.join(folder, "token_bytes.npy")
+    arr = np.load(path)
+    np.save(path, change(arr.copy()))
+
+
+TOKEN_BYTES_DAMAGE = {  # name -> change of token_bytes.npy (320 tokens: 316 ordinary, then 4 special)
+    "one_short": lambda a: a[:-1],
+    "one_more": lambda a: np.append(a, 0),
+    "two_dimensional": lambda a: a.reshape(1, -1),
+    "ordinary_token_off_by_one": lambda a: (a.__setitem__(300, a[300] + 1), a)[1],
+    "ordinary_token_zero": lambda a: (a.__setitem__(7, 0), a)[1],
+    "special_token_with_bytes": lambda a: (a.__setitem__(-4, 1), a)[1],
+}
+
+
+@pytest.mark.parametrize("damage", list(TOKEN_BYTES_DAMAGE))
+def test_token_bytes_must_agree_with_the_tokenizer(toy_cache, tmp_path, damage):
+    folder = str(tmp_path / "tokenizer")
+    shutil.copytree(os.path.join(toy_cache, "tokenizer"), folder)
+    assert prepare.Tokenizer.from_directory(folder).get_vocab_size() == 320
+    rewrite_token_bytes(folder, TOKEN_BYTES_DAMAGE[damage])
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.Tokenizer.from_directory(folder)
+    message = str(info.value.code)
+    assert "\n" not in message and "token_bytes.npy" in message and "uv run prepare.py" in message, message
+    if damage.startswith(("ordinary", "special")):
+        token = {"ordinary_token_off_by_one": 300, "ordinary_token_zero": 7, "special_token_with_bytes": 316}[damage]
+        assert f"on 1 token(s), the first token {token} (" in message, message
+
+
+def test_token_ids_with_a_gap_are_a_damaged_tokenizer(toy_cache, tmp_path):
+    """Special tokens moved one id up: tiktoken accepts it, but id 316 is no token at all, and
+    token_bytes (320 entries) would miss the last one."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(os.path.join(toy_cache, "tokenizer"), folder)
+    meta = json.loads((folder / "tokenizer.json").read_text())
+    meta["special_tokens"] = {tok: i + 1 for tok, i in meta["special_tokens"].items()}
+    (folder / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(prepare.PrepareError, match=r"damaged.*uv run prepare\.py"):
+        prepare.Tokenizer.from_directory(str(folder))
