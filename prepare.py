@@ -34,7 +34,9 @@ import atexit
 import base64
 import bisect
 import contextlib
+import ctypes
 import errno
+import faulthandler
 import itertools
 import json
 import math
@@ -42,6 +44,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -58,6 +61,10 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+# a fatal signal (SIGSEGV, SIGFPE, SIGABRT, ...) prints its name and the Python stack of the thread
+# that got it, the last lines of the log (the other threads' stacks would bury the cause)
+faulthandler.enable(all_threads=False)
 
 # ---------------------------------------------------------------------------------------------
 # Constants (fixed: their names are part of the interface)
@@ -518,14 +525,21 @@ def read_tokenizer(tokenizer_dir):
     try:
         meta = json.loads(data)
         ranks = {base64.b64decode(tok, validate=True): rank for rank, tok in enumerate(meta["mergeable_ranks"])}
-        if sorted(meta["special_tokens"]) != sorted(SPECIAL_TOKENS):
-            raise ValueError("unexpected special tokens")
-        if meta["token_bytes"] != [len(tok) for tok in ranks] + [0] * len(SPECIAL_TOKENS):
-            raise ValueError("token_bytes do not match the vocabulary")
         enc = tiktoken.Encoding("autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                 special_tokens=meta["special_tokens"])
+        special_ids = sorted(meta["special_tokens"][tok] for tok in SPECIAL_TOKENS)
+        token_bytes = [int(n) for n in meta["token_bytes"]]
     except Exception as e:
         raise ValueError(f"damaged ({type(e).__name__})") from None
+    if sorted(meta["special_tokens"]) != sorted(SPECIAL_TOKENS) or special_ids != list(range(len(ranks), enc.n_vocab)):
+        raise ValueError("damaged (its special tokens are not the ids after the ordinary ones)")
+    expected = [len(tok) for tok in ranks] + [0] * len(SPECIAL_TOKENS)  # evaluate_bpb's byte counts
+    if len(token_bytes) != len(expected):
+        raise ValueError(f"damaged (token_bytes has {len(token_bytes)} entries for {len(expected)} tokens)")
+    wrong = [i for i, (got, want) in enumerate(zip(token_bytes, expected)) if got != want]
+    if wrong:
+        raise ValueError(f"damaged (token_bytes disagrees with the vocabulary on {len(wrong)} token(s), "
+                         f"the first token {wrong[0]}: {token_bytes[wrong[0]]} bytes, not {expected[wrong[0]]})")
     if not isinstance(meta.get("trained_from"), dict):
         raise ValueError("from an older prepare.py, with no record of what it was trained from")
     if meta["pattern"] != SPLIT_PATTERN:
@@ -570,7 +584,7 @@ class Tokenizer:
         try:
             meta, enc = read_tokenizer(tokenizer_dir)
         except FileNotFoundError:
-            raise PrepareError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py` first") from None
+            raise PrepareError(f"no tokenizer in {tokenizer_dir} {missing_cache_hint()}") from None
         except OSError as e:
             raise PrepareError(f"cannot read the tokenizer in {tokenizer_dir} ({e.strerror})") from None
         except ValueError as e:
@@ -601,6 +615,15 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
     return torch.tensor(Tokenizer.from_directory(tokenizer_dir).token_bytes, dtype=torch.int64, device=device)
 
 
+def missing_cache_hint():
+    """The end of a message about a missing tokenizer or missing shards: where the folder came from
+    and the two fixes (a shell without AUTORESEARCH_CACHE_DIR looks in the default cache)."""
+    cache = os.environ.get("AUTORESEARCH_CACHE_DIR")
+    origin = f"AUTORESEARCH_CACHE_DIR={cache}" if cache else \
+        "AUTORESEARCH_CACHE_DIR is unset, so the default ~/.cache/autoresearch is used"
+    return f"({origin}): run `uv run prepare.py`, or set AUTORESEARCH_CACHE_DIR to the cache prepare.py filled"
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataloader
 
@@ -620,7 +643,7 @@ def list_shards(split, data_dir=None):
     names = [n for n in names if n != VAL_FILENAME] if split == "train" else [n for n in names if n == VAL_FILENAME]
     if not names:
         what = "training shards" if split == "train" else f"validation shard {VAL_FILENAME}"
-        raise PrepareError(f"no {what} in {data_dir}: run `uv run prepare.py` first")
+        raise PrepareError(f"no {what} in {data_dir} {missing_cache_hint()}")
     return [os.path.join(data_dir, n) for n in names]
 
 
@@ -645,12 +668,41 @@ def compile_workers():
     return min(cpu_share(), COMPILE_WORKERS_MAX)
 
 
+def check_val_shard(data_dir=None):
+    """The final evaluation reads the validation shard: fail before training, not after it, when
+    the shard is missing or does not read whole."""
+    path = list_shards("val", data_dir)[0]
+    try:
+        verify_shard(path)
+    except ValueError as e:
+        raise PrepareError(f"the validation shard {path} is unreadable ({e}): run `uv run prepare.py` "
+                           "to fetch it again") from None
+
+
 _worker_encoding = None  # each tokenizer worker's tiktoken.Encoding
 
 
-def _init_worker(encoding):
+def _init_worker(encoding, parent_pid=None):
+    """Set up a tokenizer worker (a thread, or a process forked by `parent_pid`). A worker process
+    must never print over the cause of a crash: it leaves Ctrl-C to the training process and dies
+    with it; in the moment before, a result sent to the dead process kills it quietly (SIGPIPE)
+    instead of printing a BrokenPipeError traceback."""
     global _worker_encoding
     _worker_encoding = encoding
+    if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid):
+    """Linux: have the kernel SIGKILL this process when the thread that forked it ends (the
+    dataloader's thread, or the whole training process when it dies), and exit now when the parent
+    is already gone."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def encode_documents(texts):
@@ -667,8 +719,10 @@ def document_batches(tokenizer, split, num_workers):
     number ahead of the consumer; their results are taken in order. Small slices keep every worker
     busy from the first batch on."""
     paths = list_shards(split)
-    make_pool = multiprocessing.get_context("fork").Pool if sys.platform == "linux" else ThreadPool
-    with make_pool(num_workers, initializer=_init_worker, initargs=(tokenizer.enc,)) as pool:
+    forked = sys.platform == "linux"
+    make_pool = multiprocessing.get_context("fork").Pool if forked else ThreadPool
+    init_args = (tokenizer.enc, os.getpid()) if forked else (tokenizer.enc,)
+    with make_pool(num_workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = deque()
         try:
             for epoch in itertools.count(1):
@@ -745,6 +799,8 @@ def make_dataloader(tokenizer, B, T, split, device=None, num_workers=None):
     device = torch.device(device) if device is not None else default_device()
     num_workers = num_workers or loader_workers()
     list_shards(split)  # fail here, with the cause, rather than in the background thread
+    if split == "train":  # a training run: also check what its final evaluation will need
+        check_val_shard()
     pin = device.type == "cuda"
     ready = queue.Queue(maxsize=4)
     stop = threading.Event()

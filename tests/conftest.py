@@ -6,6 +6,7 @@ subprocess (train.py runs) reads the toy cache, never the user's ~/.cache/autore
 import atexit
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -107,3 +108,58 @@ def random_grads(model, seed):
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+# Toy-size copies of the repository, for whole train.py runs as subprocesses
+
+VENV = os.path.dirname(os.path.dirname(sys.executable))  # the venv running the tests
+REPO_FILES = ["prepare.py", "train.py", "program.md", "README.md", "pyproject.toml", "uv.lock", ".gitignore"]
+
+
+def set_constant(text, name, value):
+    """Rewrite the module-level line `NAME = ...` (keeping its comment). Exactly one such line
+    must exist, so a renamed constant fails loudly instead of leaving a full-size run."""
+    pattern = re.compile(rf"^{re.escape(name)} = [^#\n]*?(?=[ \t]*(#|$))", re.M)
+    text, n = pattern.subn(lambda m: f"{name} = {value}", text)
+    assert n == 1, f"constant {name} matched {n} times, expected exactly 1"
+    return text
+
+
+def rewrite_constants(path, values):
+    with open(path) as f:
+        text = f.read()
+    for name, value in values.items():
+        text = set_constant(text, name, value)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def edit(path, old, new):
+    with open(path) as f:
+        text = f.read()
+    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+
+
+def make_toy_repo(dst, time_budget=3):
+    """Copy what a checkout needs to run into `dst`, sized for a few seconds on a CPU."""
+    os.makedirs(dst, exist_ok=True)
+    for name in REPO_FILES:
+        shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+    rewrite_constants(os.path.join(dst, "prepare.py"), {
+        "MAX_SEQ_LEN": "64", "TIME_BUDGET": str(time_budget), "EVAL_TOKENS": "64 * 8"})
+    rewrite_constants(os.path.join(dst, "train.py"), {
+        "DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "4", "TOTAL_BATCH_SIZE": "4 * 64"})
+    return dst
+
+
+def toy_env():
+    env = dict(os.environ)  # AUTORESEARCH_CACHE_DIR (the toy cache) and TORCH_COMPILE_DISABLE come from above
+    env.update({
+        "UV_PROJECT_ENVIRONMENT": VENV, "UV_NO_SYNC": "1", "UV_OFFLINE": "1",  # reuse this venv as it is
+        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
+        "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com",
+    })
+    return env
