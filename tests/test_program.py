@@ -257,7 +257,7 @@ def decide_with_commands(program, cwd, env, deletes_code=False):
     assert floor == f"{floor_of(rows):.6f}", (floor, rows)
     assert result == f"{(sum(earlier) + val) / (len(earlier) + 1):.6f}", (result, earlier, val)
     gain = Decimal(reference) - Decimal(result)  # the agent's subtraction of two printed numbers, exact
-    return decide(gain, Decimal(floor), not earlier, deletes_code), reference
+    return decide(gain, Decimal(floor), not earlier, deletes_code)
 
 
 def gpu_log(val_bpb, memory_gb):
@@ -295,7 +295,7 @@ def test_bookkeeping_replays_the_example(program, tmp_path):
         assert grep == ([] if status == "crash" else [f"val_bpb:          {val}", re.search(r"^peak_vram_mb:.*", log, re.M)[0]])
         if status != "crash" and not description.startswith("baseline"):
             tried = re.sub(r" \((within noise, )?rerun\)$", "", description)
-            decision, _ = decide_with_commands(program, tmp_path, env, deletes_code=tried.startswith("remove "))
+            decision = decide_with_commands(program, tmp_path, env, deletes_code=tried.startswith("remove "))
             decisions.add(decision)
             rerun = description == tried + " (rerun)"
             expected = (decision, description) if rerun else expected_row(decision, tried)
@@ -390,7 +390,7 @@ def test_rehearsal(program, toy_cache, tmp_path, request):
         assert status, tail[-10:]
         return int(status.group(1)), tail[:-1]
 
-    def decide():
+    def decision():
         return decide_with_commands(program, repo, env)
 
     # setup: a fresh checkout of main, the branch, the cache, results.tsv with its header
@@ -443,7 +443,7 @@ def test_rehearsal(program, toy_cache, tmp_path, request):
     sh(program.amend, check=True)
     assert git("rev-parse", "HEAD~1") == start, "the fix must amend the experiment's commit, not add one"
     run_ok()
-    assert decide()[0] == "discard", "a model that cannot learn should not come near the reference"
+    assert decision() == "discard", "a model that cannot learn should not come near the reference"
     log_row(program, "discard", "all learning rates 0", repo, env)
     sh(program.reset, check=True)
     assert git("rev-parse", "HEAD") == start
@@ -454,11 +454,11 @@ def test_rehearsal(program, toy_cache, tmp_path, request):
     commit("warmdown 0.5 -> 0.6")
     run_ok()
     first = place(reference - floor / 2)
-    assert decide()[0] == "rerun"
+    assert decision() == "rerun"
     log_row(program, "discard", "warmdown 0.5 -> 0.6 (within noise, rerun)", repo, env)
     run_ok()
     second = place(reference - 2 * floor)
-    assert decide()[0] == "keep"
+    assert decision() == "keep"
     log_row(program, "keep", "warmdown 0.5 -> 0.6 (rerun)", repo, env)
     assert sh(program.reference, check=True).stdout == f"{(first + second) / 2:.6f}\n"
     kept = git("rev-parse", "HEAD")
