@@ -163,3 +163,23 @@ def toy_env():
         "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com",
     })
     return env
+
+
+# train.py's output contract
+
+SUMMARY = [  # train.py's summary block, in order: key, value pattern
+    ("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
+    ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d{2}"), ("total_tokens_M", r"\d+\.\d"),
+    ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"),
+]
+
+
+def check_summary(log, depth=2):
+    """train.py's output contract: whole lines (no carriage returns), the summary block last."""
+    assert "\r" not in log, "progress must be printed as whole lines when stdout is not a terminal"
+    lines = log.rstrip("\n").splitlines()
+    assert len(lines) > len(SUMMARY) and lines[-len(SUMMARY) - 1] == "---", lines[-12:]
+    for line, (key, value) in zip(lines[-len(SUMMARY):], SUMMARY):
+        assert re.fullmatch(rf"{key}:\s+{value}", line) and line.index(line.split()[1]) == 18, \
+            f"summary line {line!r} does not have the shape {key + ':':<18}<{value}>"
+    assert lines[-1] == f"depth:            {depth}"

@@ -6,69 +6,16 @@ against train.py's real output fails here."""
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from decimal import Decimal
 
 import pytest
+from conftest import check_summary, make_toy_repo, set_constant, toy_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.dirname(os.path.dirname(sys.executable))  # the venv running the tests
-REPO_FILES = ["prepare.py", "train.py", "program.md", "README.md", "pyproject.toml", "uv.lock", ".gitignore"]
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 ROW = re.compile(r"^[0-9a-f]{7}\t\d+\.\d{6}\t\d+\.\d\t(keep|discard|crash)\t[^\t]+$")
-SUMMARY = [  # train.py's summary block, in order: key, value pattern
-    ("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
-    ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d{2}"), ("total_tokens_M", r"\d+\.\d"),
-    ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"),
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# A toy-size copy of the repository
-
-
-def set_constant(text, name, value):
-    """Rewrite the module-level line `NAME = ...` (keeping its comment). Exactly one such line
-    must exist, so a renamed constant fails loudly instead of leaving a full-size run."""
-    pattern = re.compile(rf"^{re.escape(name)} = [^#\n]*?(?=[ \t]*(#|$))", re.M)
-    text, n = pattern.subn(lambda m: f"{name} = {value}", text)
-    assert n == 1, f"constant {name} matched {n} times, expected exactly 1"
-    return text
-
-
-def rewrite_constants(path, values):
-    with open(path) as f:
-        text = f.read()
-    for name, value in values.items():
-        text = set_constant(text, name, value)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def make_toy_repo(dst, time_budget=3):
-    """Copy what a checkout needs to run into `dst`, sized for a few seconds on a CPU."""
-    os.makedirs(dst, exist_ok=True)
-    for name in REPO_FILES:
-        shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
-    rewrite_constants(os.path.join(dst, "prepare.py"), {
-        "MAX_SEQ_LEN": "64", "TIME_BUDGET": str(time_budget), "EVAL_TOKENS": "64 * 8"})
-    rewrite_constants(os.path.join(dst, "train.py"), {
-        "DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "4", "TOTAL_BATCH_SIZE": "4 * 64"})
-    return dst
-
-
-def toy_env():
-    env = dict(os.environ)  # AUTORESEARCH_CACHE_DIR (the toy cache) and TORCH_COMPILE_DISABLE come from conftest
-    env.update({
-        "UV_PROJECT_ENVIRONMENT": VENV, "UV_NO_SYNC": "1", "UV_OFFLINE": "1",  # reuse this venv as it is
-        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
-        "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com",
-    })
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,17 +110,6 @@ def test_program_md_is_consistent(program):
     for row in rows[1:]:
         assert ROW.match(row), f"program.md's example row {row!r} breaks the results.tsv format"
     assert {row.split("\t")[3] for row in rows[1:]} == {"keep", "discard", "crash"}
-
-
-def check_summary(log):
-    """train.py's output contract: whole lines (no carriage returns), the summary block last."""
-    assert "\r" not in log, "progress must be printed as whole lines when stdout is not a terminal"
-    lines = log.rstrip("\n").splitlines()
-    assert len(lines) > len(SUMMARY) and lines[-len(SUMMARY) - 1] == "---", lines[-12:]
-    for line, (key, value) in zip(lines[-len(SUMMARY):], SUMMARY):
-        assert re.fullmatch(rf"{key}:\s+{value}", line) and line.index(line.split()[1]) == 18, \
-            f"summary line {line!r} does not have the shape {key + ':':<18}<{value}>"
-    assert lines[-1] == "depth:            2"
 
 
 # ---------------------------------------------------------------------------------------------
