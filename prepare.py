@@ -2,8 +2,24 @@
 prepare.py: the fixed harness of autoresearch. Nobody edits this file, the agent included.
 
 It holds the constants every experiment shares, the one-time data preparation (download the
-climbmix shards, train the BPE tokenizer) and the runtime utilities that train.py imports: the
-`Tokenizer`, the packing dataloader `make_dataloader` and the metric `evaluate_bpb`.
+climbmix shards, train the BPE tokenizer) and the runtime that train.py imports:
+
+    MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, ...   the fixed constants
+    Tokenizer.from_directory()                   the trained tokenizer (checked on load)
+    make_dataloader(tokenizer, B, T, split)      packed (inputs, targets, epoch) batches, endless
+    evaluate_bpb(model, tokenizer, batch_size)   the metric: bits per byte of the logits model(x)
+                                                 returns, with the harness's own cross entropy
+    default_device()                             cuda, then mps, then cpu
+    setup_attention(device, seq_len, windows)    FA3 (pinned hub revision) or PyTorch attention;
+                                                 returns the startup line saying which, and why
+    attention(q, k, v, window)                   causal attention over (B, T, H, D), a query
+                                                 seeing itself and the `window` tokens before it
+    compiled(fn, **kwargs)                       torch.compile on CUDA with the harness's compiler
+                                                 settings, fn itself elsewhere; also a decorator
+    mfu_percent(flops_per_second, device)        MFU against the GPU's peak bf16 FLOP/s, or None
+    peak_memory_mb(device)                       peak memory allocated, 0 where not counted
+
+Importing it also turns on faulthandler, so that a fatal signal prints its name and stack.
 
 Usage:
     uv run prepare.py                        # 10 training shards + the validation shard, tokenizer
@@ -930,6 +946,8 @@ def compiled(fn=None, **kwargs):
         return fn
     import torch._inductor.config as inductor
     inductor.triton.autotune_pointwise = False  # no launch-config benchmarks: 5 s less cold compile
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the run's share of the host, not all of it
+        inductor.compile_threads = compile_workers()
     return torch.compile(fn, dynamic=False, **kwargs)
 
 

@@ -192,14 +192,17 @@ def test_compiled_on_cuda_compiles_with_static_shapes(monkeypatch):
 
     def f(x):
         return x
-    saved = inductor.triton.autotune_pointwise  # a config proxy: monkeypatch would delete the option
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(prepare, "cpu_share", lambda: 3)
+    saved = inductor.triton.autotune_pointwise, inductor.compile_threads  # config proxies: monkeypatch would delete them
     try:
         inductor.triton.autotune_pointwise = True
         assert prepare.compiled(f) == ("compiled", f)
         assert prepare.compiled(fullgraph=True)(f) == ("compiled", f)
         assert inductor.triton.autotune_pointwise is False
+        assert inductor.compile_threads == 3  # the run's CPU share, not the host's cores
     finally:
-        inductor.triton.autotune_pointwise = saved
+        inductor.triton.autotune_pointwise, inductor.compile_threads = saved
     assert calls == [{"dynamic": False}, {"dynamic": False, "fullgraph": True}]
 
 
