@@ -194,15 +194,20 @@ def test_compiled_on_cuda_compiles_with_static_shapes(monkeypatch):
         return x
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(prepare, "cpu_share", lambda: 3)
-    saved = inductor.triton.autotune_pointwise, inductor.compile_threads  # config proxies: monkeypatch would delete them
+    import torch._functorch.config as functorch
+    saved = (inductor.triton.autotune_pointwise, inductor.compile_threads,  # config modules: monkeypatch
+             functorch.autograd_cache_allow_custom_autograd_functions)      # would delete the options
     try:
         inductor.triton.autotune_pointwise = True
+        functorch.autograd_cache_allow_custom_autograd_functions = False
         assert prepare.compiled(f) == ("compiled", f)
         assert prepare.compiled(fullgraph=True)(f) == ("compiled", f)
         assert inductor.triton.autotune_pointwise is False
         assert inductor.compile_threads == 3  # the run's CPU share, not the host's cores
+        assert functorch.autograd_cache_allow_custom_autograd_functions is True
     finally:
-        inductor.triton.autotune_pointwise, inductor.compile_threads = saved
+        (inductor.triton.autotune_pointwise, inductor.compile_threads,
+         functorch.autograd_cache_allow_custom_autograd_functions) = saved
     assert calls == [{"dynamic": False}, {"dynamic": False, "fullgraph": True}]
 
 
@@ -233,8 +238,9 @@ def test_private_compiler_names_prepare_py_uses_exist_in_this_torch():
     tests pass."""
     import torch._inductor.config  # noqa: F401
     with open(prepare.__file__) as f:
-        names = set(re.findall(r"\b(?:torch\._inductor|inductor)(?:\.\w+)+", f.read()))
-    names = {n.replace("inductor.", "torch._inductor.config.", 1) if n.startswith("inductor.") else n for n in names}
+        names = set(re.findall(r"\b(?:torch\._inductor|inductor|functorch)(?:\.\w+)+", f.read()))
+    names = {"torch._inductor.config." + n[len("inductor."):] if n.startswith("inductor.") else
+             "torch._functorch.config." + n[len("functorch."):] if n.startswith("functorch.") else n for n in names}
     assert names, "no inductor names found in prepare.py"
     for name in names:
         obj = torch
