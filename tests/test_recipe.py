@@ -294,3 +294,18 @@ def test_model_loss_is_the_cross_entropy_of_its_logits_whatever_the_cap(ns, cap)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
     top = {"logits": 5e3, "100 * torch.tanh(logits / 100)": 99.0}.get(cap, 14.9)
     assert logits.abs().max() > top, "the test should push the logits to the cap, or to 1e4 without one"
+
+
+def test_train_py_holds_the_research_only():
+    """The baseline train.py is short and free of platform code (the harness, prepare.py, has it):
+    no compiler internals, threads, hub kernels, flex_attention or FLOP/s table, and what is
+    compiled is marked where it is defined or built."""
+    with open(TRAIN) as f:
+        source = f.read()
+    lines = source.splitlines()
+    assert len(lines) <= 480, len(lines)
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith(("def ", "class ", "@")))
+    assert first <= 60, first
+    for name in ("torch._", "threading", "kernels", "flex_attention", "create_block_mask", "989.5e12", "os.environ"):
+        assert name not in source, name
+    assert "@compiled(fullgraph=True)\ndef optimizer_steps(" in source and "model = compiled(model)" in source
