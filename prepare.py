@@ -1003,8 +1003,13 @@ def evaluate_bpb(model, tokenizer, batch_size):
     for start in range(0, rows, batch_size):
         x, y, _ = next(loader)
         keep = min(batch_size, rows - start)  # always the same shape for the model; score `keep` rows
-        logits = model(x)[:keep]  # (keep, T, V)
-        y = y[:keep]
+        logits = model(x)
+        if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == x.shape
+                and logits.size(-1) >= tokenizer.get_vocab_size()):
+            got = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise PrepareError(f"evaluate_bpb: model(x) must return logits (B, T, V) with V >= the vocabulary's "
+                               f"{tokenizer.get_vocab_size()}, for x of shape {tuple(x.shape)}; it returned {got}")
+        logits, y = logits[:keep], y[:keep]  # (keep, T, V), (keep, T)
         piece = max(1, EVAL_PIECE // (y.size(1) * logits.size(-1)))  # rows at a time
         for i in range(0, keep, piece):
             loss = F.cross_entropy(logits[i:i + piece].flatten(0, 1).float(), y[i:i + piece].flatten(),

@@ -1326,6 +1326,35 @@ def test_evaluate_bpb_same_tokens_for_any_batch_size(small_eval, tokenizer):
         assert bpb == pytest.approx(expected, rel=1e-6), batch_size
 
 
+class WrongOutputModel(LogitsModel):
+    def __init__(self, vocab_size, output):
+        super().__init__(vocab_size)
+        self.output = output
+
+    def forward(self, x, targets=None):
+        logits = super().forward(x)
+        return {"loss": lambda: logits.mean(), "tuple": lambda: (logits, None),
+                "short_vocab": lambda: logits[..., :-1], "flat": lambda: logits.flatten(0, 1)}[self.output]()
+
+
+@pytest.mark.parametrize("output", ["loss", "tuple", "short_vocab", "flat"])
+def test_evaluate_bpb_says_what_model_x_must_return(small_eval, tokenizer, output):
+    """An edited forward that returns a loss, a tuple or logits of the wrong shape for model(x)
+    stops the evaluation with a one-line cause, not a traceback deep in the cross entropy. A
+    vocabulary padded beyond the tokenizer's (the extra ids never targets) is scored as usual."""
+    V = tokenizer.get_vocab_size()
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.evaluate_bpb(WrongOutputModel(V, output), tokenizer, 8)
+    message = str(info.value.code)
+    assert message.startswith("error: evaluate_bpb: model(x) must return logits (B, T, V)") and "\n" not in message
+    assert f"V >= the vocabulary's {V}" in message and "for x of shape (8, 64)" in message, message
+    x, y, token_bytes = small_eval
+    padded = LogitsModel(V + 64)
+    with torch.no_grad():
+        expected = expected_bpb(padded(x), y, token_bytes)
+    assert prepare.evaluate_bpb(padded, tokenizer, 8) == pytest.approx(expected, rel=1e-6)
+
+
 def test_evaluate_bpb_is_the_harness_own_cross_entropy(small_eval, tokenizer):
     """Two models with the same logits and different training losses (plain, with a z-loss, with
     label smoothing) score the same val_bpb: the metric never reads the training loss. Scoring the
