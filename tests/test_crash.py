@@ -82,6 +82,12 @@ def group_alive(pgid):
     return alive
 
 
+def foreground_signals():
+    """In the child, Ctrl-C as a shell's foreground job has it, even when these tests run in the
+    background (`pytest &` ignores SIGINT, and a child inherits that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """train.py in `repo`, in a session of its own (so that its process group is it and its
     dataloader's workers, like the foreground job of a shell), its output in run.log."""
@@ -90,7 +96,8 @@ class Run:
         self.log_path = os.path.join(repo, "run.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=foreground_signals)
 
     def log(self):
         with open(self.log_path) as f:
