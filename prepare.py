@@ -993,8 +993,8 @@ def evaluate_bpb(model, tokenizer, batch_size):
     MAX_SEQ_LEN tokens, whatever `batch_size` (it only chunks the work). `model(x)` returns logits
     (B, T, V); the cross entropy in nats is computed here, so no change to the training loss
     changes the metric. Independent of the vocabulary: nats summed over target tokens with bytes,
-    over ln 2 x their UTF-8 bytes. A compiled model compiles its forward once more here, without
-    the loss and the backward (eagerly, this model's forward runs 3 times slower)."""
+    over ln 2 x their UTF-8 bytes. Runs under no_grad: a model compiled whole would compile its
+    forward once more here (train.py's GPT runs its compiled training graph instead)."""
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN

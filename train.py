@@ -56,9 +56,8 @@ def has_value_embedding(layer_idx, n_layer):
 
 
 class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy per token, logits (B, T, V), targets (B, T) -> (B, T), for the compiler: the
-    forward reads the logits once (log-sum-exps of 8 pieces of the vocabulary, in registers, combined
-    elementwise); the backward, softmax - one_hot, is one elementwise kernel that writes over the logits."""
+    """F.cross_entropy per token, logits (B, T, V), targets (B, T) -> (B, T), compiled: the forward reads the
+    logits once (8 pieces' log-sum-exps, combined elementwise); the backward writes softmax - one_hot over them."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -98,8 +97,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding (ResFormer), mixed in by a gate that starts at 1
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        # QK-norm, then rotary: the same as rotary then norm (a rotation keeps the RMS), but the
-        # compiled backward of this order is faster
+        # QK-norm, then rotary: the same as the reverse (a rotation keeps the RMS); its compiled backward is faster
         q, k = norm(q), norm(k)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         y = attention(q, k, v, self.window)  # (B, T, H, D)
@@ -149,13 +147,11 @@ class GPT(nn.Module):
     def window_sizes(config):
         """Per-layer window: 'L' = full context, 'S' = half of it; the last layer is always 'L'."""
         pattern = (config.window_pattern * config.n_layer)[:config.n_layer - 1] + "L"
-        sizes = {"L": config.sequence_len, "S": config.sequence_len // 2}
-        return [sizes[c] for c in pattern.upper()]
+        return [{"L": config.sequence_len, "S": config.sequence_len // 2}[c] for c in pattern.upper()]
 
     @torch.no_grad()
     def init_weights(self):
-        n_embd = self.config.n_embd
-        s = 3 ** 0.5 * n_embd ** -0.5  # uniform bound with the std of N(0, 1/n_embd)
+        s = 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform bound with the std of N(0, 1/n_embd)
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.blocks:
@@ -169,7 +165,7 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         # rotary embeddings, base 10000: the two halves of each head are rotated together
-        head_dim = n_embd // self.config.n_head
+        head_dim = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.cos.device) / head_dim))
         angles = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=self.cos.device), inv_freq)
         self.cos.copy_(angles.cos()[None, :, None, :])
@@ -194,15 +190,27 @@ class GPT(nn.Module):
         return 6 * matmul_params + attn
 
     def forward(self, idx, targets=None):  # idx (B, T) -> logits (B, T, V), or the mean loss given targets (B, T)
-        T = idx.size(1)
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        grad = torch.is_grad_enabled()
+        with torch.enable_grad():  # under no_grad (evaluation) too, hidden's compiled training graph: no second compile
+            x = self.hidden(idx) if grad else self.hidden(idx).detach()  # detached: its saved activations freed
+        return self.logits(x) if targets is None else self.loss(x, targets)
+
+    @compiled
+    def hidden(self, idx):  # idx (B, T) -> the last block's output (B, T, C)
+        cos, sin = self.cos[:, :idx.size(1)], self.sin[:, :idx.size(1)]
         x = x0 = norm(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin)
+        return x
+
+    def logits(self, x):  # x (B, T, C) -> soft-capped logits (B, T, V), fp32
         logits = self.lm_head(norm(x)).float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap
-        return logits if targets is None else CrossEntropy.apply(logits, targets).mean()
+        return 15 * torch.tanh(logits / 15)  # soft cap
+
+    @compiled
+    def loss(self, x, targets):  # x (B, T, C), targets (B, T) -> the mean cross entropy
+        return CrossEntropy.apply(self.logits(x), targets).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +275,7 @@ def optimizer_steps(adamw_updates, muon_updates):  # every update in one call, c
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """One optimizer, two kinds of groups: kind='adamw' (per parameter) and kind='muon' (all
-    parameters of a group share a shape and are updated as one stacked tensor)."""
+    """Groups of kind='adamw' (per parameter) and kind='muon' (one shape, updated as one stacked tensor)."""
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
@@ -369,9 +376,7 @@ def muon_momentum(step):  # warmed from 0.85 to 0.95 over the first 300 steps
 torch.manual_seed(42)
 device = default_device()
 is_cuda = device.type == "cuda"
-if is_cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) in TF32 on CUDA
 # bf16 autocast on CUDA only: on CPU it makes backward hundreds of times slower
 autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if is_cuda else torch.autocast("cpu", enabled=False)
 tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
@@ -390,7 +395,6 @@ model.to_empty(device=device)
 model.init_weights()
 optimizer = build_optimizer(model)
 attention_line = setup_attention(device, MAX_SEQ_LEN, model.windows)
-model = compiled(model)  # on CUDA the training step (forward, loss, backward) is one compiled graph
 
 counts = model.param_counts()
 flops_per_token = model.flops_per_token()
@@ -411,7 +415,7 @@ print(f"startup: {t_loop - t_start:.1f}s", flush=True)
 interactive = sys.stdout.isatty()
 step, training_time, smooth_loss, last_print = 0, 0.0, 0.0, 0.0
 
-while True:
+while step <= UNCOUNTED_STEPS or training_time < TIME_BUDGET:  # the uncounted steps, then TIME_BUDGET seconds
     t0 = time.time()
     for _ in range(grad_accum_steps):
         with autocast:
@@ -443,9 +447,7 @@ while True:
     step += 1
     if step == UNCOUNTED_STEPS:
         print(f"compilation: {time.time() - t_loop:.1f}s (the first {step} step(s), not counted)", flush=True)
-
-    now = time.time()
-    if step > 1 and (interactive or now - last_print >= 5 or training_time >= TIME_BUDGET):
+    if step > 1 and (interactive or time.time() - last_print >= 5 or training_time >= TIME_BUDGET):
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = TOTAL_BATCH_SIZE / dt
         mfu = mfu_percent(flops_per_token * tok_per_sec, device)
@@ -453,9 +455,7 @@ while True:
                 f" | tok/sec: {tok_per_sec:,.0f} | mfu: {'n/a' if mfu is None else f'{mfu:.1f}%'} | epoch: {epoch}"
                 f" | remaining: {max(TIME_BUDGET - training_time, 0):.0f}s")
         print(f"\r{line}   " if interactive else line, end="" if interactive else "\n", flush=True)
-        last_print = now
-    if step > UNCOUNTED_STEPS and training_time >= TIME_BUDGET:
-        break
+        last_print = time.time()
 
 if interactive:
     print()

@@ -254,12 +254,12 @@ def test_cross_entropy_equals_torch_for_any_finite_logits(ns, scale, vocab_size)
 
 
 def model_with_soft_cap(ns, cap):
-    """The tiny model of a train.py whose soft cap line reads `logits = <cap>`."""
+    """The tiny model of a train.py whose soft cap line reads `return <cap>`."""
     with open(TRAIN) as f:
         source = f.read()
-    line = "        logits = 15 * torch.tanh(logits / 15)  # soft cap\n"
+    line = "        return 15 * torch.tanh(logits / 15)  # soft cap\n"
     assert source.count(line) == 1, "train.py's soft cap line changed: update this test"
-    source = source.replace(line, f"        logits = {cap}\n")
+    source = source.replace(line, f"        return {cap}\n")
     namespace = {"__name__": "train_under_test"}
     exec(compile(source[: source.index(SETUP_BANNER)], TRAIN, "exec"), namespace)
     return tiny_model(namespace)
@@ -308,4 +308,6 @@ def test_train_py_holds_the_research_only():
     assert first <= 60, first
     for name in ("torch._", "threading", "kernels", "flex_attention", "create_block_mask", "989.5e12", "os.environ"):
         assert name not in source, name
-    assert "@compiled(fullgraph=True)\ndef optimizer_steps(" in source and "model = compiled(model)" in source
+    for compiled_def in ("@compiled(fullgraph=True)\ndef optimizer_steps(", "    @compiled\n    def hidden(",
+                         "    @compiled\n    def loss("):
+        assert compiled_def in source, compiled_def

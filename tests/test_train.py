@@ -214,6 +214,10 @@ def test_model_returns_logits_or_a_loss(ns):
     targets = torch.randint(0, V, (B, T), generator=gen)
     logits = model(idx)
     assert logits.shape == (B, T, V) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    with torch.no_grad():  # as evaluate_bpb calls it: the same logits, nothing kept for a backward
+        quiet = model(idx)
+    assert logits.requires_grad and not quiet.requires_grad
+    torch.testing.assert_close(quiet, logits)
     loss = model(idx, targets)
     assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
     with torch.no_grad():  # shorter sequences than sequence_len work too
@@ -221,10 +225,16 @@ def test_model_returns_logits_or_a_loss(ns):
         assert model(idx[:, :7], targets[:, :7]).shape == ()
 
 
-def test_backward_reaches_every_parameter(ns):
+@pytest.mark.parametrize("through", ["loss", "logits"])
+def test_backward_reaches_every_parameter(ns, through):
+    """From the model's loss, and from a loss of one's own on the logits model(x) returns."""
     model = tiny_model(ns)
     idx = torch.randint(0, TINY["vocab_size"], (2, TINY["sequence_len"]), generator=torch.Generator().manual_seed(8))
-    model(idx, idx.roll(-1, dims=1)).backward()
+    targets = idx.roll(-1, dims=1)
+    if through == "loss":
+        model(idx, targets).backward()
+    else:
+        F.cross_entropy(model(idx).flatten(0, 1), targets.flatten()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # zero-initialised output projections stop the gradient into the blocks' input matrices at
@@ -253,7 +263,7 @@ VARIANTS = {  # name -> edit of the toy copy's train.py
     "agent": lambda train: (rewrite_constants(train, {"DEPTH": "3", "MATRIX_LR": "0.05", "WARMDOWN_RATIO": "0.3",
                                                       "WINDOW_PATTERN": '"SL"'}),
                             edit(train, "F.relu(self.c_fc(x)).square()", "F.gelu(self.c_fc(x))"),
-                            edit(train, "logits = 15 * torch.tanh(logits / 15)  # soft cap", "logits = logits")),
+                            edit(train, "return 15 * torch.tanh(logits / 15)  # soft cap", "return logits")),
 }
 
 
