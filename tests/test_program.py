@@ -461,3 +461,14 @@ def test_rehearsal(program, toy_cache, tmp_path, request):
         assert len(f.read().splitlines()) == 2
     assert git("status", "--porcelain", cwd=worktree) == ""
     print(f"rehearsal took {time.time() - t_start:.1f}s")
+
+
+def test_readme_is_a_users_page():
+    """The README stays short enough to read whole (measurements live in docs/performance.md), and
+    program.md's reading list keeps the agent out of those notes."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert len(f.read().splitlines()) <= 200
+    with open(os.path.join(ROOT, "program.md")) as f:
+        program = f.read()
+    reading = program[program.index("**Read the files in scope.**"):program.index("**Check the data.**")]
+    assert re.findall(r"^\s+- `([^`]+)`", reading, re.M) == ["README.md", "prepare.py", "train.py"], reading

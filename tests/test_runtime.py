@@ -1,12 +1,14 @@
 """prepare.py's runtime utilities, the part of the harness that train.py imports besides the data:
 the attention kernel and its PyTorch fallback, compilation, FLOP/s, MFU and memory figures."""
 
+import ast
 import re
 import sys
 import types
 
 import pytest
 import torch
+from conftest import TRAIN
 
 import prepare
 
@@ -247,3 +249,15 @@ def test_private_compiler_names_prepare_py_uses_exist_in_this_torch():
         for part in name.split(".")[1:]:
             assert hasattr(obj, part), f"{name}: torch {torch.__version__} has no {part}"
             obj = getattr(obj, part)
+
+
+def test_prepare_docstring_lists_what_train_py_imports():
+    """prepare.py's docstring is the runtime's API: every name train.py imports from it is there."""
+    with open(TRAIN) as f:
+        tree = ast.parse(f.read())
+    names = [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "prepare"
+             for a in node.names]
+    assert "evaluate_bpb" in names and "compiled" in names, names
+    api = prepare.__doc__[:prepare.__doc__.index("Importing it")]
+    for name in names:
+        assert re.search(rf"\b{name}\b", api), f"{name} is missing from prepare.py's docstring"
